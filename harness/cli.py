@@ -1,0 +1,211 @@
+"""``python -m harness``: doctor, caps, image build and exec.
+
+Every user mistake ends as one ``ERROR: ...`` line on stderr and exit code 2; harness failures (a guest that
+does not boot, a missing tool) as one error block and exit 1. Exit codes come from :class:`ExitCode`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from harness import caps as caps_mod
+from harness import hostfacts
+from harness.cpuid_dump import load_cpuid_dump
+from harness.errors import ExitCode, GuestCommandError, HarnessError, UsageError
+from harness.image import build_image, find_or_build_image
+from harness.profiles import ACCELS, DEFAULT_PROFILES_FILE, load_profiles, select_profile
+
+DEFAULT_EXEC_TIMEOUT_S = 600.0
+DEFAULT_BOOT_TIMEOUT_S = 120.0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad options through :class:`UsageError` (one line, exit 2), not its own exit."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _hex_int(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number (e.g. 0x33c5)") from None
+    if not 0 <= value <= caps_mod.PERF_CAP_MAX:
+        raise argparse.ArgumentTypeError(f"'{text}' does not fit a 64-bit MSR")
+    return value
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m harness",
+        description="vpmu: guest-side virtual-PMU test suite for x86 KVM hosts.",
+        epilog="Run the suite itself with `pytest guest_tests` (see README.md).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the harness does to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    doctor = sub.add_parser("doctor", help="show host facts: accelerator, KVM, host PMU, perf, QEMU")
+    doctor.add_argument("--json", action="store_true", help="print the facts as one JSON object")
+
+    caps = sub.add_parser("caps", help="decode PMU capabilities from a raw CPUID dump")
+    caps.add_argument("--cpuid-dump", required=True, type=Path, metavar="FILE",
+                      help="InstLatx64 text, `cpuid -r` output, or the guest probe's JSON lines")  # fmt: skip
+    caps.add_argument("--perf-capabilities", type=_hex_int, metavar="0x...",
+                      help="also decode this IA32_PERF_CAPABILITIES (MSR 0x345) value")  # fmt: skip
+    caps.add_argument("--json", action="store_true", help="print the capabilities as one JSON object")
+
+    image = sub.add_parser("image", help="guest image commands")
+    image_sub = image.add_subparsers(dest="image_command", required=True, parser_class=_Parser)
+    build = image_sub.add_parser("build", help="build the default guest image (a no-op when cached)")
+    build.add_argument("--kernel", type=Path, metavar="PATH", help="bzImage to use instead of Debian's cloud kernel")
+    build.add_argument("--modules", type=Path, metavar="DIR",
+                       help="lib/modules/<release> of --kernel (default: /lib/modules/<release>)")  # fmt: skip
+    build.add_argument("--out", type=Path, metavar="DIR", help="image directory (default: in the user cache)")
+
+    execp = sub.add_parser(
+        "exec",
+        help="boot a guest, run a command in it over SSH, shut it down",
+        description="Boot the guest, run CMD through the guest's shell (words joined by spaces, as ssh does), "
+        "print its output and exit with its exit code.",
+    )
+    execp.add_argument("--profile", default="pmu-on", help="vPMU profile (default: pmu-on)")
+    execp.add_argument("--profiles-file", type=Path, default=DEFAULT_PROFILES_FILE, metavar="FILE")
+    execp.add_argument("--image", type=Path, metavar="DIR", help="guest image directory (default: build/use cache)")
+    execp.add_argument("--accel", choices=ACCELS, help="override the accelerator doctor picks")
+    execp.add_argument("--timeout", type=float, default=DEFAULT_EXEC_TIMEOUT_S, metavar="S",
+                       help=f"seconds the command may run (default {DEFAULT_EXEC_TIMEOUT_S:.0f})")  # fmt: skip
+    execp.add_argument("--boot-timeout", type=float, default=DEFAULT_BOOT_TIMEOUT_S, metavar="S",
+                       help=f"seconds until SSH must work (default {DEFAULT_BOOT_TIMEOUT_S:.0f})")  # fmt: skip
+    execp.add_argument("--log-dir", type=Path, metavar="DIR", help="keep serial.log and qemu.log here")
+    execp.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
+    return parser
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    facts = hostfacts.collect()
+    print(json.dumps(facts, indent=2) if args.json else hostfacts.render_text(facts))
+    return ExitCode.OK if facts["accel"] else ExitCode.FAILED
+
+
+def render_caps(data: dict[str, Any]) -> str:
+    """Human-readable summary of a ``caps --json`` object."""
+    lines = [f"{data['vendor']} family {data['family']:#x} model {data['model']:#x} stepping {data['stepping']}"
+             f"; hypervisor: {data['hypervisor'] or 'none'}; PDCM: {data['pdcm']}"]  # fmt: skip
+    perf = data["arch_perfmon"]
+    if perf:
+        events = ", ".join(name for name, ok in perf["events"].items() if ok)
+        lines.append(f"arch perfmon v{perf['version']}: {perf['gp_counters']} GP x {perf['gp_width']} bit, "
+                     f"{perf['fixed_counters']} fixed x {perf['fixed_width']} bit "
+                     f"(mask {perf['fixed_counter_mask']:#x}); events: {events or 'none'}")  # fmt: skip
+    else:
+        lines.append("arch perfmon: none (CPUID.0AH version 0)")
+    lbr = data["arch_lbr"]
+    lines.append(f"arch LBR: depths {lbr['depths']}, " + ", ".join(k for k, v in lbr.items() if v is True)
+                 if lbr else "arch LBR: none")  # fmt: skip
+    amd = data["amd"]
+    if amd:
+        flags = ", ".join(k for k, v in amd.items() if v is True)
+        lines.append(f"AMD: {amd['core_counters']} core counters, {amd['nb_counters']} NB/DF counters, "
+                     f"LBRv2 depth {amd['lbr_v2_depth']}; {flags or 'no extensions'}")  # fmt: skip
+        ibs = amd["ibs"]
+        lines.append(f"AMD IBS: caps {ibs['caps']:#x}: " + ", ".join(k for k, v in ibs.items() if v is True)
+                     if ibs else "AMD IBS: none")  # fmt: skip
+    if "perf_capabilities" in data:
+        pc = data["perf_capabilities"]
+        lines.append(f"IA32_PERF_CAPABILITIES {pc['raw']:#x}: LBR format {pc['lbr_format']}, PEBS format "
+                     f"{pc['pebs_format']}; " + ", ".join(k for k, v in pc.items() if v is True))  # fmt: skip
+    return "\n".join(lines)
+
+
+def cmd_caps(args: argparse.Namespace) -> int:
+    data = caps_mod.decode_caps(load_cpuid_dump(args.cpuid_dump)).to_json()
+    if args.perf_capabilities is not None:
+        data["perf_capabilities"] = caps_mod.decode_perf_capabilities(args.perf_capabilities)
+    print(json.dumps(data, indent=2) if args.json else render_caps(data))
+    return ExitCode.OK
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    result = build_image(kernel=args.kernel, modules_dir=args.modules, out=args.out,
+                         log=lambda msg: print(msg, file=sys.stderr))  # fmt: skip
+    image = result.image
+    state = f"built in {result.seconds:.1f} s" if result.built else "up to date (cached)"
+    print(f"guest image {image.directory}: {state}")
+    print(f"  kernel   {image.kernel_release} ({image.manifest['kernel']})")
+    print(f"  initrd   {image.initrd} ({image.initrd.stat().st_size // 1024} KiB)")
+    print(f"  modules  {', '.join(Path(m).stem for m in image.manifest['modules'])}")
+    print(f"  ssh      client key {image.client_key}; pinned host key {image.host_key[:40]}...")
+    return ExitCode.OK
+
+
+def _exec_accel(requested: str | None) -> str:
+    facts_kvm = hostfacts.kvm_facts()
+    choice = hostfacts.choose_accel(facts_kvm, hostfacts.cpuinfo_flags(), hostfacts.qemu_facts())
+    if requested is None:
+        if choice.accel is None:
+            raise HarnessError(choice.reason)
+        return choice.accel
+    if requested == "kvm" and choice.accel != "kvm":
+        raise UsageError(f"--accel kvm: KVM is not usable here ({choice.reason})")
+    return requested
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from harness.guest import boot_guest
+    from harness.qemu_argv import MachineConfig
+
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not command:
+        raise UsageError("exec: no command given (usage: python -m harness exec [--profile NAME] -- CMD...)")
+    profiles = load_profiles(args.profiles_file)
+    profile = select_profile(profiles, args.profile, args.profiles_file)
+    accel = _exec_accel(args.accel)
+    if not profile.applies_to(accel):
+        raise UsageError(f"{args.profiles_file}: [{profile.name}] does not apply to accelerator {accel} "
+                         f"(accels = {list(profile.accels)})")  # fmt: skip
+    image = find_or_build_image(args.image, log=lambda msg: print(msg, file=sys.stderr))
+    config = MachineConfig(image=image, accel=accel, cpu=profile.cpu_for(accel))
+    with boot_guest(config, timeout_s=args.boot_timeout, log_dir=args.log_dir) as guest:
+        logging.getLogger(__name__).info("guest ready in %.2f s (%s, -cpu %s)", guest.boot.ssh_ready_s, accel,
+                                         config.cpu)  # fmt: skip
+        try:
+            result = guest.ssh.run(" ".join(command), timeout_s=args.timeout)
+        except GuestCommandError as exc:
+            raise HarnessError(f"{exc}\n--- serial log (tail) ---\n{guest.machine.serial_tail()}") from exc
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    return result.rc
+
+
+def _raise_on_sigterm(signum: int, frame: object) -> None:
+    """Turn SIGTERM into an exception so every ``with`` block (QEMU, temp dirs) cleans up before exit."""
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; the only place that turns errors into exit codes."""
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        args = make_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+        handlers = {"doctor": cmd_doctor, "caps": cmd_caps, "exec": cmd_exec}
+        if args.command == "image":
+            return cmd_image_build(args)
+        return handlers[args.command](args)
+    except UsageError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    except HarnessError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return ExitCode.FAILED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED

@@ -1,0 +1,99 @@
+"""Drain a guest's serial console to a log file and let callers wait for patterns in it.
+
+QEMU writes the console to a pipe; a reader thread copies it to ``serial.log`` as it arrives (an undrained pipe
+would stall the guest) and wakes waiters. Waits end on an event: a success pattern, a failure pattern, the end
+of the stream (QEMU exited), or the deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Read size; the console is slow, this only bounds one copy.
+CHUNK = 65536
+#: Keep at most this much console text in memory for pattern matching; the log file has all of it.
+MAX_BUFFER = 8 << 20
+
+
+@dataclass(frozen=True)
+class ConsoleMatch:
+    """Result of :meth:`ConsoleLog.wait_for`: which pattern matched (None on EOF or timeout) and why it ended."""
+
+    outcome: str  # "match", "failure", "eof", "timeout"
+    text: str = ""
+
+
+class ConsoleLog:
+    """Owns the reader thread for one console stream."""
+
+    def __init__(self, fd: int, log_path: Path) -> None:
+        self._fd = fd
+        self.log_path = log_path
+        self._buffer = bytearray()
+        self._eof = False
+        self._cond = threading.Condition()
+        self._log = open(log_path, "ab", buffering=0)  # noqa: SIM115 - closed by the reader thread at EOF
+        self._thread = threading.Thread(target=self._drain, name=f"console:{log_path.name}", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                try:
+                    chunk = os.read(self._fd, CHUNK)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    break
+                self._log.write(chunk)
+                with self._cond:
+                    self._buffer += chunk
+                    if len(self._buffer) > MAX_BUFFER:
+                        del self._buffer[: len(self._buffer) - MAX_BUFFER]
+                    self._cond.notify_all()
+        finally:
+            self._log.close()
+            with self._cond:
+                self._eof = True
+                self._cond.notify_all()
+
+    def text(self) -> str:
+        with self._cond:
+            return self._buffer.decode(errors="replace")
+
+    def wait_for(
+        self, pattern: str, failures: Iterable[str] = (), timeout_s: float = 60.0, start: int = 0
+    ) -> ConsoleMatch:
+        """Wait until ``pattern`` (a regex) or one of ``failures`` appears in the console after offset ``start``.
+
+        :param timeout_s: seconds to wait at most; the wait also ends when the stream ends (QEMU exited).
+        """
+        want = re.compile(pattern)
+        bad = [re.compile(f) for f in failures]
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                text = self._buffer[start:].decode(errors="replace")
+                for regex in bad:
+                    found = regex.search(text)
+                    if found:
+                        return ConsoleMatch("failure", found.group(0))
+                found = want.search(text)
+                if found:
+                    return ConsoleMatch("match", found.group(0))
+                if self._eof:
+                    return ConsoleMatch("eof")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return ConsoleMatch("timeout")
+                self._cond.wait(remaining)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Wait for the reader to reach EOF (the writer must be gone), at most ``timeout_s`` seconds."""
+        self._thread.join(timeout_s)

@@ -1,0 +1,96 @@
+"""Load vPMU feature profiles from ``profiles.toml`` (flat: one table per profile, every key validated).
+
+A misspelt key must fail loudly (a silently ignored ``chek =`` is how kvm-unit-tests once lost a precondition),
+so every error names the file, the profile, the field and what is allowed, in one line.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.errors import UsageError
+from harness.paths import GUEST_TESTS_DIR
+
+DEFAULT_PROFILES_FILE = GUEST_TESTS_DIR / "profiles.toml"
+ACCELS = ("kvm", "tcg")
+#: key -> (type, required, help). The help text is the documentation of the file format.
+PROFILE_KEYS: dict[str, tuple[type, bool, str]] = {
+    "description": (str, True, "one line: what the profile asks of the vPMU"),
+    "cpu": (str, True, "QEMU -cpu value under KVM"),
+    "tcg_cpu": (str, False, "QEMU -cpu value under TCG (default: cpu with a leading 'host' -> 'max')"),
+    "accels": (list, False, 'accelerators it applies to, any of "kvm", "tcg" (default: both)'),
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One named vPMU feature set."""
+
+    name: str
+    description: str
+    cpu: str
+    tcg_cpu: str
+    accels: tuple[str, ...]
+
+    def cpu_for(self, accel: str) -> str:
+        """Return the -cpu value for ``accel``."""
+        return self.cpu if accel == "kvm" else self.tcg_cpu
+
+    def applies_to(self, accel: str) -> bool:
+        return accel in self.accels
+
+
+def _tcg_default(cpu: str) -> str:
+    model, sep, props = cpu.partition(",")
+    return ("max" if model == "host" else model) + sep + props
+
+
+def _profile(path: Path, name: str, table: object) -> Profile:
+    where = f"{path}: [{name}]"
+    if not isinstance(table, dict):
+        raise UsageError(f"{where}: must be a table of keys (allowed: {', '.join(PROFILE_KEYS)})")
+    for key in table:
+        if key not in PROFILE_KEYS:
+            raise UsageError(f"{where}: unknown key '{key}' (allowed: {', '.join(PROFILE_KEYS)})")
+    for key, (kind, required, help_text) in PROFILE_KEYS.items():
+        if key not in table:
+            if required:
+                raise UsageError(f"{where}: missing field '{key}' ({help_text})")
+            continue
+        if not isinstance(table[key], kind):
+            raise UsageError(f"{where}: field '{key}' must be a {kind.__name__} ({help_text})")
+    accels = tuple(table.get("accels", ACCELS))
+    bad = [a for a in accels if a not in ACCELS]
+    if bad or not accels:
+        raise UsageError(f"{where}: field 'accels' has {bad or 'no value'} (allowed: {', '.join(ACCELS)})")
+    cpu = table["cpu"].strip()
+    if not cpu:
+        raise UsageError(f"{where}: field 'cpu' is empty (a QEMU -cpu value such as 'host,pmu=on')")
+    return Profile(name, table["description"], cpu, table.get("tcg_cpu", _tcg_default(cpu)), accels)
+
+
+def load_profiles(path: Path = DEFAULT_PROFILES_FILE) -> dict[str, Profile]:
+    """Parse and validate a profiles file.
+
+    :raises UsageError: unreadable file, TOML syntax error, or an invalid profile (one line, with the field).
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read profiles file: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: not valid TOML: {exc}") from None
+    if not data:
+        raise UsageError(f"{path}: defines no profile")
+    return {name: _profile(path, name, table) for name, table in data.items()}
+
+
+def select_profile(profiles: dict[str, Profile], name: str, path: Path = DEFAULT_PROFILES_FILE) -> Profile:
+    """Return the profile called ``name``; :class:`UsageError` listing the known names otherwise."""
+    try:
+        return profiles[name]
+    except KeyError:
+        raise UsageError(f"{path}: no profile '{name}' (known: {', '.join(profiles)})") from None
