@@ -149,7 +149,10 @@ def resolve_debian_kernel(meta_package: str = DEFAULT_KERNEL_PACKAGE) -> KernelS
     depends = _run([_which("apt-cache"), "depends", meta_package], f"apt-cache depends {meta_package}")
     match = re.search(r"Depends:\s*(linux-image-\S+)", depends)
     if match is None:
-        raise ImageBuildError(f"{meta_package} depends on no linux-image package; run `apt-get update` first")
+        raise ImageBuildError(
+            f"{meta_package} depends on no linux-image package; run `apt-get update` first, or build from a "
+            "kernel you have with --kernel PATH"
+        )
     package = match.group(1)
     policy = _run([_which("apt-cache"), "policy", package], f"apt-cache policy {package}")
     version = re.search(r"Candidate:\s*(\S+)", policy)

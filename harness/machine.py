@@ -42,6 +42,23 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0
 KILL_WAIT_S = 60.0
 
 
+TMPDIR_PREFIX = "vpmu-qemu-"
+
+
+def sweep_stale_tmpdirs(root: Path | None = None) -> list[Path]:
+    """Remove temp dirs of launchers that died without cleanup (SIGKILL); return what was removed.
+
+    Each launcher's dir is named ``vpmu-qemu-<pid>-*``; a dir whose pid no longer exists is stale.
+    """
+    removed = []
+    for path in Path(root or tempfile.gettempdir()).glob(f"{TMPDIR_PREFIX}*"):
+        pid = path.name[len(TMPDIR_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Ask the kernel to SIGKILL the child when the launching thread dies, so QEMU never outlives us."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -100,7 +117,8 @@ class QemuMachine:
             raise LaunchError(str(exc) or type(exc).__name__, exitcode, self.argv, output) from exc
 
     def _launch(self) -> None:
-        self._tmpdir = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
+        sweep_stale_tmpdirs()
+        self._tmpdir = Path(tempfile.mkdtemp(prefix=f"{TMPDIR_PREFIX}{os.getpid()}-"))
         logs = self._log_dir or self._tmpdir
         logs.mkdir(parents=True, exist_ok=True)
         self._qemu_log = logs / "qemu.log"

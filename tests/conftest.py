@@ -1,0 +1,50 @@
+"""Self-test fixtures: the leak check every integration test runs under."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness.machine import TMPDIR_PREFIX
+from harness.paths import cache_root
+
+
+def qemu_pids() -> set[int]:
+    """PIDs of every QEMU process on the host (read from /proc, not from our own bookkeeping)."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if (proc / "comm").read_text().startswith("qemu-system"):
+                    pids.add(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def leftovers() -> set[Path]:
+    """Temp dirs the harness creates (launcher dirs, half-built images)."""
+    found = set(Path(tempfile.gettempdir()).glob(f"{TMPDIR_PREFIX}*"))
+    images = cache_root() / "images"
+    if images.is_dir():
+        found |= set(images.glob(".vpmu-image-*"))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After every integration test: no new QEMU process and no new harness temp dir."""
+    if request.node.get_closest_marker("integration") is None:
+        yield
+        return
+    before_pids, before_dirs = qemu_pids(), leftovers()
+    yield
+    deadline = time.monotonic() + 5  # a killed QEMU may take a moment to be reaped by its parent
+    while qemu_pids() - before_pids and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not qemu_pids() - before_pids, "QEMU processes outlived the test"
+    assert not leftovers() - before_dirs, "harness temp dirs outlived the test"
