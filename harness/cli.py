@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -23,6 +24,8 @@ from harness.profiles import ACCELS, DEFAULT_PROFILES_FILE, load_profiles, selec
 
 DEFAULT_EXEC_TIMEOUT_S = 600.0
 DEFAULT_BOOT_TIMEOUT_S = 120.0
+#: What --dry-run shows as QMP's descriptor; a real launch passes one end of a fresh socket pair.
+DRY_RUN_QMP_FD = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,6 +87,8 @@ def make_parser() -> argparse.ArgumentParser:
     execp.add_argument("--boot-timeout", type=float, default=DEFAULT_BOOT_TIMEOUT_S, metavar="S",
                        help=f"seconds until SSH must work (default {DEFAULT_BOOT_TIMEOUT_S:.0f})")  # fmt: skip
     execp.add_argument("--log-dir", type=Path, metavar="DIR", help="keep serial.log and qemu.log here")
+    execp.add_argument("--dry-run", action="store_true",
+                       help="print the QEMU command line instead of booting (QMP: an inherited fd)")  # fmt: skip
     execp.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
     return parser
 
@@ -159,7 +164,7 @@ def _exec_accel(requested: str | None) -> str:
 
 def cmd_exec(args: argparse.Namespace) -> int:
     from harness.guest import boot_guest
-    from harness.qemu_argv import MachineConfig
+    from harness.qemu_argv import MachineConfig, build_argv
 
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not command:
@@ -172,6 +177,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
                          f"(accels = {list(profile.accels)})")  # fmt: skip
     image = find_or_build_image(args.image, log=lambda msg: print(msg, file=sys.stderr))
     config = MachineConfig(image=image, accel=accel, cpu=profile.cpu_for(accel))
+    if args.dry_run:
+        print(shlex.join(build_argv(config, qmp_fd=DRY_RUN_QMP_FD)))
+        return ExitCode.OK
     with boot_guest(config, timeout_s=args.boot_timeout, log_dir=args.log_dir) as guest:
         logging.getLogger(__name__).info("guest ready in %.2f s (%s, -cpu %s)", guest.boot.ssh_ready_s, accel,
                                          config.cpu)  # fmt: skip

@@ -7,6 +7,8 @@ themselves) at call time; nothing is assumed. The accelerator decision is a pure
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import platform
 import re
@@ -76,6 +78,40 @@ def read_host_cpuid(device: Path = CPUID_DEVICE) -> CpuidTable | None:
     finally:
         os.close(fd)
     return CpuidTable(leaves, str(device))
+
+
+# x86-64 System V function ``void cpuid(uint32 leaf, uint32 subleaf, uint32 out[4])``: the CPUID instruction
+# is unprivileged, so this reads CPUID without root or the cpuid module (used when /dev/cpu/0/cpuid is not
+# readable). push rbx; mov eax,edi; mov ecx,esi; mov r8,rdx; cpuid; mov [r8],eax; mov [r8+4],ebx;
+# mov [r8+8],ecx; mov [r8+12],edx; pop rbx; ret
+_CPUID_CODE = bytes.fromhex("53 89f8 89f1 4989d0 0fa2 418900 41895804 41894808 4189500c 5b c3")
+
+
+def read_cpuid_instruction(cpu: int = 0) -> CpuidTable | None:
+    """Execute CPUID in-process (pinned to ``cpu``, since hybrid parts differ per core); None if not possible."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    try:
+        page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    except (OSError, ValueError):
+        return None  # W^X policy: no executable anonymous memory
+    saved = os.sched_getaffinity(0)
+    try:
+        page.write(_CPUID_CODE)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+        function = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32))(address)
+        out = (ctypes.c_uint32 * 4)()
+        os.sched_setaffinity(0, {cpu})
+        leaves: dict[tuple[int, int], Regs] = {}
+        for leaf, sub in HOST_CPUID_LEAVES:
+            function(leaf, sub, out)
+            leaves[(leaf, sub)] = Regs(*out)
+        del function
+        return CpuidTable(leaves, "CPUID instruction")
+    except OSError:
+        return None
+    finally:
+        os.sched_setaffinity(0, saved)
 
 
 def cpuinfo_flags(text: str | None = None) -> set[str]:
@@ -212,7 +248,7 @@ def vpmu_mode(accel: str | None, kvm: dict[str, Any]) -> str | None:
 
 def collect() -> dict[str, Any]:
     """Gather every host fact; this is the ``doctor --json`` object (and the ``host`` of results.json)."""
-    table = read_host_cpuid()
+    table = read_host_cpuid() or read_cpuid_instruction()
     caps = decode_caps(table) if table is not None else None
     flags = cpuinfo_flags()
     kvm = kvm_facts()
@@ -225,7 +261,7 @@ def collect() -> dict[str, Any]:
         "model_name": model_name.group(1) if model_name else None,
         "microcode": microcode.group(1) if microcode else None,
         "virt_flags": sorted(flags & {"vmx", "svm", "hypervisor"}),
-        "cpuid_source": str(CPUID_DEVICE) if caps else "/proc/cpuinfo (no /dev/cpu/0/cpuid access)",
+        "cpuid_source": table.source if table else "none (no /dev/cpu/0/cpuid access, CPUID not executable)",
         "caps": caps.to_json() if caps else None,
     }
     return {

@@ -226,6 +226,15 @@ class QemuMachine:
     def exitcode(self) -> int | None:
         return self._proc.poll() if self._proc else None
 
+    def wait(self, timeout_s: float) -> int | None:
+        """Wait up to ``timeout_s`` seconds for QEMU to exit; return its exit code, or None if still running."""
+        if self._proc is None:
+            return None
+        try:
+            return self._proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
     def serial_text(self) -> str:
         """The console output so far (after shutdown: all of it, up to the in-memory cap)."""
         return self._console.text() if self._console and self._proc else self._final_serial

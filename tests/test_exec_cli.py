@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import select
+import shlex
 import signal
 import subprocess
 import sys
@@ -100,3 +101,12 @@ def test_sigkilled_harness_takes_qemu_with_it(guest_image):
         time.sleep(0.05)
     assert not Path(f"/proc/{qemu}").exists()
     assert run_cli("exec", "--image", str(guest_image.directory), "--", "true").returncode == 0  # sweeps it
+
+
+def test_exec_dry_run_prints_the_command_line(guest_image):
+    proc = run_cli("exec", "--image", str(guest_image.directory), "--profile", "pmu-off", "--dry-run", "--", "true")
+    assert proc.returncode == 0, proc.stderr
+    argv = shlex.split(proc.stdout)
+    assert argv[0].startswith("qemu-system-x86_64")
+    assert argv[argv.index("-cpu") + 1] in ("max,pmu=off", "host,pmu=off")
+    assert not children_qemu(os.getpid())

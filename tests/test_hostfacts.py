@@ -102,3 +102,13 @@ def test_doctor_text():
     proc = run_cli("doctor")
     assert proc.stdout.startswith("accelerator:")
     assert "QEMU:" in proc.stdout and "host PMU:" in proc.stdout
+
+
+def test_cpuid_instruction_agrees_with_cpuid_device():
+    """The in-process CPUID (no root needed) reads what the kernel's cpuid driver reads on CPU 0."""
+    device = hostfacts.read_host_cpuid()
+    if device is None:
+        pytest.skip("host: /dev/cpu/0/cpuid is not readable (needs root and the cpuid module)")
+    instruction = hostfacts.read_cpuid_instruction(0)
+    assert instruction is not None
+    assert instruction.leaves == device.leaves
