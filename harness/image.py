@@ -217,34 +217,25 @@ class RootfsBuilder:
         self.entries: list[cpio.Entry] = []
         self._names: set[str] = set()
 
-    def _parents(self, name: str) -> None:
-        parts = name.strip("/").split("/")[:-1]
-        for i in range(1, len(parts) + 1):
+    def _add(self, entry: cpio.Entry) -> None:
+        """Add ``entry`` after its parent directories; the first entry for a path wins."""
+        name = entry.name.strip("/")
+        if name in self._names:
+            return
+        parts = name.split("/")
+        for i in range(1, len(parts)):
             self.directory("/".join(parts[:i]))
+        self._names.add(name)
+        self.entries.append(entry)
 
     def directory(self, name: str, perm: int = 0o755) -> None:
-        name = name.strip("/")
-        if name in self._names:
-            return
-        self._parents(name)
-        self._names.add(name)
-        self.entries.append(cpio.Entry.directory(name, perm))
+        self._add(cpio.Entry.directory(name.strip("/"), perm))
 
     def file(self, name: str, data: bytes, perm: int = 0o644) -> None:
-        name = name.strip("/")
-        if name in self._names:
-            return
-        self._parents(name)
-        self._names.add(name)
-        self.entries.append(cpio.Entry.file(name, data, perm))
+        self._add(cpio.Entry.file(name.strip("/"), data, perm))
 
     def symlink(self, name: str, target: str) -> None:
-        name = name.strip("/")
-        if name in self._names:
-            return
-        self._parents(name)
-        self._names.add(name)
-        self.entries.append(cpio.Entry.symlink(name, target))
+        self._add(cpio.Entry.symlink(name.strip("/"), target))
 
     def binary(self, host_path: Path, guest_path: str | None = None) -> None:
         """Add an executable and the shared libraries it needs, at their host paths."""
@@ -288,6 +279,7 @@ def cache_key(source: KernelSource, binaries: dict[str, Path]) -> str:
         "builder": BUILDER_VERSION,
         "kernel": source.key,
         "modules": list(GUEST_MODULES),
+        "rendered": [READY_MARKER, GUEST_IP, GATEWAY_IP, GUEST_SFTP_SERVER],
         "binaries": {name: _sha256(path) for name, path in sorted(binaries.items())},
         "libraries": sorted({_sha256(lib.resolve()) for p in binaries.values() for lib in shared_libraries(p)}),
         "files": {p.name: _sha256(p) for p in sorted(IMAGES_DIR.iterdir()) if p.is_file()},
