@@ -5,7 +5,8 @@ Three input formats are accepted, because that is where CPUID data comes from in
 * InstLatx64/AIDA64 text (``CPUID 0000000A: 07300403-00000000-00000000-00000603 [SL 00]``), the format of
   ``shared/data/cpuid/``; a repeated leaf without an ``[SL nn]`` tag is the next sub-leaf;
 * ``cpuid -r`` output (``   0x0000000a 0x00: eax=0x07300403 ebx=0x00000000 ecx=... edx=...``);
-* the guest probe's JSON lines (``{"probe": "cpuid", "kind": "leaf", "leaf": 10, "subleaf": 0, "eax": ...}``).
+* the guest probes' JSON lines: records of kind ``leaf`` (``{"probe": "enum", "kind": "leaf", "leaf": 10,
+  "subleaf": 0, "eax": ...}``); records of other kinds in the same stream are skipped.
 
 Multi-CPU dumps keep the first logical CPU only: a vPMU decision is about one CPU model.
 """
@@ -140,8 +141,8 @@ def _parse_json_line(stripped: str, source: str, lineno: int) -> tuple[int, int 
         record = json.loads(stripped)
     except json.JSONDecodeError as exc:
         raise UsageError(f"{source}:{lineno}: malformed JSON line: {exc.msg}") from None
-    if not isinstance(record, dict) or record.get("probe") != "cpuid" or record.get("kind") != "leaf":
-        return None
+    if not isinstance(record, dict) or record.get("kind") != "leaf":
+        return None  # other probe records (MSRs, counts) may share the stream
     try:
         values = [record[k] for k in ("leaf", "subleaf", *REGISTERS)]
     except KeyError as exc:

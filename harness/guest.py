@@ -8,7 +8,7 @@ session is closed and QEMU is gone, also on Ctrl-C or an exception. A guest that
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,15 +38,24 @@ class Guest:
 
 @contextmanager
 def boot_guest(
-    config: MachineConfig, timeout_s: float = DEFAULT_BOOT_TIMEOUT_S, log_dir: Path | None = None
+    config: MachineConfig,
+    timeout_s: float = DEFAULT_BOOT_TIMEOUT_S,
+    log_dir: Path | None = None,
+    before_start: Callable[[QemuMachine], None] | None = None,
 ) -> Iterator[Guest]:
     """Boot a guest and yield it once SSH works.
 
     :param timeout_s: seconds from launch until SSH must work (console marker and handshake together).
+    :param before_start: with ``config.paused``, called with the stopped machine (e.g. to read what QEMU
+        granted over QMP) before the vCPUs are started with QMP ``cont``.
     :raises LaunchError: QEMU did not start.
     :raises BootError: panic, hang, QEMU death or no SSH within ``timeout_s``; the serial tail is attached.
     """
     with QemuMachine(config, log_dir=log_dir) as machine:
+        if config.paused:
+            if before_start is not None:
+                before_start(machine)
+            machine.qmp("cont")
         times = BootTimes()
         start = time.monotonic()
         times.console_ready_s = machine.wait_ready(timeout_s)

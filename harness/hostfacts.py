@@ -256,9 +256,11 @@ def collect() -> dict[str, Any]:
     choice = choose_accel(kvm, flags, qemu)
     cpuinfo = _read(Path("/proc/cpuinfo")) or ""
     model_name = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
+    vendor = re.search(r"^vendor_id\s*:\s*(.*)$", cpuinfo, re.M)
     microcode = re.search(r"^microcode\s*:\s*(.*)$", cpuinfo, re.M)
     cpu: dict[str, Any] = {
         "model_name": model_name.group(1) if model_name else None,
+        "vendor": caps.vendor if caps else (vendor.group(1) if vendor else None),
         "microcode": microcode.group(1) if microcode else None,
         "virt_flags": sorted(flags & {"vmx", "svm", "hypervisor"}),
         "cpuid_source": table.source if table else "none (no /dev/cpu/0/cpuid access, CPUID not executable)",

@@ -112,8 +112,8 @@ class QemuMachine:
             exitcode = self._proc.poll() if self._proc else None
             self._hard_shutdown()
             self._post_shutdown()
-            if not isinstance(exc, Exception):
-                raise  # don't downgrade KeyboardInterrupt/SystemExit into a LaunchError
+            if not isinstance(exc, Exception) or isinstance(exc, LaunchError):
+                raise  # don't downgrade KeyboardInterrupt/SystemExit, don't wrap our own error twice
             raise LaunchError(str(exc) or type(exc).__name__, exitcode, self.argv, output) from exc
 
     def _launch(self) -> None:

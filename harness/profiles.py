@@ -10,6 +10,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.cpu_model import CpuModel
 from harness.errors import UsageError
 from harness.paths import GUEST_TESTS_DIR
 
@@ -21,6 +22,7 @@ PROFILE_KEYS: dict[str, tuple[type, bool, str]] = {
     "cpu": (str, True, "QEMU -cpu value under KVM"),
     "tcg_cpu": (str, False, "QEMU -cpu value under TCG (default: cpu with a leading 'host' -> 'max')"),
     "accels": (list, False, 'accelerators it applies to, any of "kvm", "tcg" (default: both)'),
+    "requires": (list, False, "host conditions (harness/expectations.py CONDITIONS) that must hold to run it"),
 }
 
 
@@ -33,6 +35,7 @@ class Profile:
     cpu: str
     tcg_cpu: str
     accels: tuple[str, ...]
+    requires: tuple[str, ...] = ()
 
     def cpu_for(self, accel: str) -> str:
         """Return the -cpu value for ``accel``."""
@@ -68,7 +71,18 @@ def _profile(path: Path, name: str, table: object) -> Profile:
     cpu = table["cpu"].strip()
     if not cpu:
         raise UsageError(f"{where}: field 'cpu' is empty (a QEMU -cpu value such as 'host,pmu=on')")
-    return Profile(name, table["description"], cpu, table.get("tcg_cpu", _tcg_default(cpu)), accels)
+    from harness.expectations import CONDITIONS  # the shared vocabulary; imported here to avoid a cycle
+
+    requires = table.get("requires", [])
+    unknown = [c for c in requires if c not in CONDITIONS]
+    if unknown:
+        raise UsageError(f"{where}: unknown condition '{unknown[0]}' in 'requires' (allowed: {', '.join(CONDITIONS)})")
+    for value in (cpu, table.get("tcg_cpu", cpu)):
+        try:
+            CpuModel.parse(value)
+        except ValueError as exc:
+            raise UsageError(f"{where}: {exc}") from None
+    return Profile(name, table["description"], cpu, table.get("tcg_cpu", _tcg_default(cpu)), accels, tuple(requires))
 
 
 def load_profiles(path: Path = DEFAULT_PROFILES_FILE) -> dict[str, Profile]:

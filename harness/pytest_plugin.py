@@ -1,34 +1,88 @@
-"""pytest plugin of the vpmu suite: options, markers, and the session fixtures that give tests a guest image.
+"""pytest plugin of the vpmu suite: options, markers, one booted guest per profile, and the results file.
 
-Order: options, configure, report header, fixtures. State lives in ``config.stash`` under typed keys.
+Order: options, configure, collection, report hooks, fixtures. Per-run state lives in ``config.stash``.
+A check is a test that calls ``check.judge(verdict, measurements)``; the plugin turns the verdict into the pytest
+outcome (PASS, SKIP with its reason, FAIL) and into a ``results.json`` entry. A probe or guest failure inside a
+check, or a guest that does not boot (fixture setup), is recorded as ``error`` with the serial-log tail.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from harness import hostfacts
-from harness.errors import HarnessError, UsageError
-from harness.image import Image, find_or_build_image
-from harness.profiles import ACCELS
+from harness import hostfacts, results
+from harness.errors import GuestError, HarnessError, UsageError
+from harness.expectations import Context, first_unmet
+from harness.image import Image, build_image, find_or_build_image
+from harness.probes import ProbeError
+from harness.profile_run import ProfileRun
+from harness.profiles import ACCELS, DEFAULT_PROFILES_FILE, Profile, load_profiles, select_profile
+from harness.verdicts import Verdict
 
 IMAGE_HELP = "guest image directory (default: the default image, built into the user cache on first use)"
+KERNEL_HELP = "build the guest image from this bzImage (modules from /lib/modules/<release>)"
 ACCEL_HELP = "accelerator: kvm or tcg (default: what `python -m harness doctor` picks for this host)"
+PROFILE_HELP = "vPMU profile to run (repeatable; default: every profile that applies to this host)"
+PROFILES_FILE_HELP = "profiles file (default: guest_tests/profiles.toml)"
+RESULTS_HELP = "write results.json here"
+LOG_DIR_HELP = "keep each profile's serial.log and qemu.log under DIR/<profile>/"
+LOAD = "idle"  # host loads arrive with the co-existence issue; every run is the idle baseline for now
 
 HOST_FACTS_KEY = pytest.StashKey[dict[str, Any]]()
+STATE_KEY = pytest.StashKey["SessionState"]()
+CHECK_KEY = pytest.StashKey["CheckRecord"]()
+
+
+@dataclass
+class CheckRecord:
+    """What a check reported (set by ``check.judge``), keyed to its item."""
+
+    profile: str
+    check_id: str
+    feature: str
+    verdict: Verdict | None = None
+    measurements: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class SessionState:
+    profiles: dict[str, Profile] = field(default_factory=dict)
+    selected: list[str] = field(default_factory=list)
+    runs: dict[str, ProfileRun] = field(default_factory=dict)
+    checks: dict[str, list[results.CheckResult]] = field(default_factory=dict)
+    boot_failures: dict[str, str] = field(default_factory=dict)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("vpmu", "vpmu guest-side vPMU suite")
     group.addoption("--image", dest="vpmu_image", type=Path, metavar="DIR", help=IMAGE_HELP)
+    group.addoption("--kernel", dest="vpmu_kernel", type=Path, metavar="PATH", help=KERNEL_HELP)
     group.addoption("--accel", dest="vpmu_accel", choices=ACCELS, help=ACCEL_HELP)
+    group.addoption("--profile", dest="vpmu_profiles", action="append", default=[], metavar="NAME",
+                    help=PROFILE_HELP)  # fmt: skip
+    group.addoption("--profiles-file", dest="vpmu_profiles_file", type=Path, default=DEFAULT_PROFILES_FILE,
+                    metavar="FILE", help=PROFILES_FILE_HELP)  # fmt: skip
+    group.addoption("--results", dest="vpmu_results", type=Path, metavar="FILE", help=RESULTS_HELP)
+    group.addoption("--vpmu-log-dir", dest="vpmu_log_dir", type=Path, metavar="DIR", help=LOG_DIR_HELP)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "integration: boots a real guest under QEMU (TCG here, KVM where usable)")
+    for line in (
+        "integration: boots a real guest under QEMU (TCG here, KVM where usable)",
+        "requires_pmu: the check needs a vPMU in the guest (SKIPs with the reason where there is none)",
+        "intel: the check applies to Intel guests only",
+        "amd: the check applies to AMD guests only",
+        "feature(name): the vPMU feature the check belongs to (a row group of the matrix)",
+        "check(id): the check's id in results.json; {param} placeholders take the test's parameters",
+    ):
+        config.addinivalue_line("markers", line)
+    config.stash[STATE_KEY] = SessionState()
 
 
 def _host_facts(config: pytest.Config) -> dict[str, Any]:
@@ -37,15 +91,183 @@ def _host_facts(config: pytest.Config) -> dict[str, Any]:
     return config.stash[HOST_FACTS_KEY]
 
 
+def _accel(config: pytest.Config) -> str:
+    facts = _host_facts(config)
+    requested = config.getoption("vpmu_accel")
+    if requested == "kvm" and facts["accel"] != "kvm":
+        raise pytest.UsageError(f"--accel kvm: KVM is not usable here ({facts['accel_reason']})")
+    chosen = requested or facts["accel"]
+    if chosen is None:
+        raise pytest.UsageError(f"no usable accelerator: {facts['accel_reason']}")
+    return chosen
+
+
+def _selected_profiles(config: pytest.Config) -> list[str]:
+    """--profile names (validated), or every profile that applies to this host and accelerator."""
+    state = config.stash[STATE_KEY]
+    if state.selected:
+        return state.selected
+    path = config.getoption("vpmu_profiles_file")
+    try:
+        state.profiles = load_profiles(path)
+        names = config.getoption("vpmu_profiles")
+        for name in names:
+            select_profile(state.profiles, name, path)
+    except UsageError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if not names:
+        accel, facts = _accel(config), _host_facts(config)
+        names = [
+            name
+            for name, profile in state.profiles.items()
+            if profile.applies_to(accel) and first_unmet(profile.requires, Context(accel, facts, profile)) is None
+        ]
+    state.selected = names
+    return names
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     facts = _host_facts(config)
-    caps = facts["cpu"].get("caps") or {}
+    cpu = facts["cpu"]
+    caps = cpu.get("caps") or {}
     return [
         f"vpmu: accel={facts['accel']} ({facts['accel_reason']})",
-        f"vpmu: host {caps.get('vendor', '?')} family {caps.get('family', '?')} model {caps.get('model', '?')}, "
+        f"vpmu: host {cpu.get('vendor')} family {caps.get('family', '?')} model {caps.get('model', '?')}, "
         f"kernel {facts['kernel']}, QEMU {facts['qemu']['version']}, kvm.enable_pmu={facts['kvm']['enable_pmu']}, "
         f"nmi_watchdog={facts['perf']['nmi_watchdog']}, vPMU mode {facts['vpmu_mode']}",
     ]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every check runs once per selected profile; the profile is a session-scoped parameter, so pytest
+    groups the checks of one profile together and boots its guest once."""
+    if "vpmu_profile" in metafunc.fixturenames:
+        # indirect: one real session fixture shared by every module, so pytest groups all checks of a profile
+        # (a direct session-scoped parametrization makes a pseudo-fixture per module and reboots per module).
+        metafunc.parametrize("vpmu_profile", _selected_profiles(metafunc.config), scope="session", indirect=True)
+
+
+def _check_identity(item: pytest.Item) -> tuple[str, str, str]:
+    """(profile, check id, feature) of an item, from its parameters and its check/feature markers."""
+    params: dict[str, Any] = dict(getattr(item, "callspec", None).params) if hasattr(item, "callspec") else {}
+    profile = str(params.pop("vpmu_profile", "-"))
+    marker = item.get_closest_marker("check")
+    template = marker.args[0] if marker else getattr(item, "originalname", item.name).removeprefix("test_")
+    check_id = template.format(**params)
+    feature_marker = item.get_closest_marker("feature")
+    feature = feature_marker.args[0] if feature_marker else "other"
+    return profile, check_id, feature
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if "vpmu_profile" not in getattr(item, "fixturenames", ()):
+        return
+    state = item.config.stash[STATE_KEY]
+    profile, check_id, feature = _check_identity(item)
+    record = item.stash.get(CHECK_KEY, None)
+    result: results.CheckResult | None = None
+    if report.when == "setup" and report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        result = results.CheckResult(check_id, feature, "skip", reason.removeprefix("Skipped: "))
+    elif report.when == "setup" and report.failed:
+        reason = _exception_text(call.excinfo) if call.excinfo else report.longreprtext
+        result = results.CheckResult(check_id, feature, "error", reason)
+    elif report.when == "call":
+        if record is not None and record.verdict is not None:
+            v = record.verdict
+            result = results.CheckResult(check_id, record.feature, v.status, v.reason, v.expected, v.observed,
+                                         round(report.duration, 3), record.measurements)  # fmt: skip
+        elif report.failed:
+            result = results.CheckResult(check_id, feature, "error", _exception_text(call.excinfo),
+                                         duration_s=round(report.duration, 3))  # fmt: skip
+        elif report.skipped:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            result = results.CheckResult(check_id, feature, "skip", reason.removeprefix("Skipped: "))
+        else:
+            result = results.CheckResult(check_id, feature, "error", "check recorded no verdict")
+    if result is not None:
+        state.checks.setdefault(profile, []).append(result)
+
+
+def _exception_text(excinfo: pytest.ExceptionInfo[BaseException] | None) -> str:
+    if excinfo is None:
+        return "unknown error"
+    exc = excinfo.value
+    if isinstance(exc, (HarnessError, CheckError)):
+        return str(exc)
+    if isinstance(exc, pytest.fail.Exception):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """One line per check (status, profile/load, id, reason) and a summary line that shows every count."""
+    state = config.stash[STATE_KEY]
+    if not state.checks:
+        return
+    counts = dict.fromkeys(results.STATUSES, 0)
+    terminalreporter.section("vpmu checks")
+    for profile, checks in state.checks.items():
+        for c in checks:
+            counts[c.status] += 1
+            reason = c.reason.splitlines()[0] if c.reason else ""
+            terminalreporter.write_line(f"{c.status.upper():5} {profile}/{LOAD}  {c.id}  {reason}"[:200])
+    total = sum(counts.values())
+    terminalreporter.write_line(
+        f"SUMMARY: {total} checks, {counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped, "
+        f"{counts['error']} errors"
+    )
+    path = config.getoption("vpmu_results")
+    if path:
+        terminalreporter.write_line(f"results: {path}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    path = config.getoption("vpmu_results")
+    if not path or STATE_KEY not in config.stash:
+        return
+    state = config.stash[STATE_KEY]
+    accel = config.getoption("vpmu_accel") or _host_facts(config)["accel"]
+    runs = []
+    for name in state.selected or list(state.checks):
+        run = state.runs.get(name)
+        runs.append({
+            "profile": name,
+            "load": LOAD,
+            "accel": accel,
+            "boot_s": round(run.boot_s, 3) if run and run.boot_s is not None else None,
+            "guest": run.summary() if run else {"boot_error": state.boot_failures.get(name)},
+            "checks": [c.to_json() for c in state.checks.get(name, [])],
+        })  # fmt: skip
+    results.write(Path(path), results.build(_host_facts(config), runs))
+
+
+# --- fixtures ---------------------------------------------------------------------------------------------
+
+
+class CheckError(HarnessError):
+    """A check could not be judged (its probe failed); reported as ERROR, not FAIL."""
+
+
+@dataclass
+class CheckRecorder:
+    """Given to each check: records the verdict and the raw measurements, and sets the pytest outcome."""
+
+    record: CheckRecord
+
+    def judge(self, verdict: Verdict, measurements: list[dict[str, Any]] | None = None) -> None:
+        self.record.verdict = verdict
+        self.record.measurements = list(measurements or [])
+        if verdict.status == "skip":
+            pytest.skip(verdict.reason)
+        if verdict.status == "fail":
+            pytest.fail(verdict.reason, pytrace=False)
+        if verdict.status == "error":
+            raise CheckError(verdict.reason)
 
 
 @pytest.fixture(scope="session")
@@ -55,23 +277,68 @@ def host_facts(pytestconfig: pytest.Config) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def accel(pytestconfig: pytest.Config, host_facts: dict[str, Any]) -> str:
+def accel(pytestconfig: pytest.Config) -> str:
     """The accelerator guests use: ``--accel`` if given (kvm only where usable), else doctor's choice."""
-    requested = pytestconfig.getoption("vpmu_accel")
-    if requested == "kvm" and host_facts["accel"] != "kvm":
-        raise pytest.UsageError(f"--accel kvm: KVM is not usable here ({host_facts['accel_reason']})")
-    chosen = requested or host_facts["accel"]
-    if chosen is None:
-        pytest.skip(f"host: no usable accelerator ({host_facts['accel_reason']})")
-    return chosen
+    return _accel(pytestconfig)
 
 
 @pytest.fixture(scope="session")
 def guest_image(pytestconfig: pytest.Config) -> Image:
-    """The guest image: ``--image DIR`` or the default one (built once, then cached)."""
+    """The guest image: ``--image DIR``, an image built from ``--kernel``, or the default one (cached)."""
     try:
-        return find_or_build_image(pytestconfig.getoption("vpmu_image"), log=lambda msg: None)
+        kernel = pytestconfig.getoption("vpmu_kernel")
+        if kernel is not None:
+            return build_image(kernel=kernel, log=lambda _msg: None).image
+        return find_or_build_image(pytestconfig.getoption("vpmu_image"), log=lambda _msg: None)
     except UsageError as exc:
         raise pytest.UsageError(str(exc)) from None
     except HarnessError as exc:
         pytest.fail(f"cannot build the guest image: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def vpmu_profile(request: pytest.FixtureRequest) -> str:
+    """The profile name this check runs under (parametrized by pytest_generate_tests)."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def profile_run(
+    pytestconfig: pytest.Config, vpmu_profile: str, guest_image: Image, accel: str, host_facts: dict[str, Any]
+) -> Iterator[ProfileRun]:
+    """The profile's guest, booted once for the session (or 'unavailable' with the reason)."""
+    state = pytestconfig.stash[STATE_KEY]
+    log_root = pytestconfig.getoption("vpmu_log_dir")
+    run = ProfileRun(state.profiles[vpmu_profile], accel, host_facts, guest_image,
+                     log_dir=log_root / vpmu_profile if log_root else None)  # fmt: skip
+    state.runs[vpmu_profile] = run
+    start = time.monotonic()
+    try:
+        run.start()
+    except GuestError as exc:
+        state.boot_failures[vpmu_profile] = str(exc)
+        raise
+    except ProbeError as exc:
+        run.close()
+        raise GuestError(f"guest booted in {time.monotonic() - start:.1f} s but enumeration failed: {exc}") from exc
+    try:
+        yield run
+    finally:
+        run.close()
+
+
+@pytest.fixture
+def check(request: pytest.FixtureRequest, profile_run: ProfileRun) -> CheckRecorder:
+    """The recorder a check reports its verdict to; SKIPs at once when the profile cannot run here."""
+    profile, check_id, feature = _check_identity(request.node)
+    record = CheckRecord(profile, check_id, feature)
+    request.node.stash[CHECK_KEY] = record
+    if profile_run.unavailable:
+        pytest.skip(profile_run.unavailable)
+    view = profile_run.view
+    if view is not None:
+        if request.node.get_closest_marker("intel") and not view.intel:
+            pytest.skip(f"not-applicable: Intel-only check (guest vendor {view.caps.vendor})")
+        if request.node.get_closest_marker("amd") and not view.amd:
+            pytest.skip(f"not-applicable: AMD-only check (guest vendor {view.caps.vendor})")
+    return CheckRecorder(record)

@@ -32,7 +32,8 @@ def quote_optarg(value: str) -> str:
 class MachineConfig:
     """Everything that decides the QEMU command line of one guest."""
 
-    image: Image
+    #: None starts QEMU without a guest (``-machine none``), e.g. to ask it which CPU properties exist.
+    image: Image | None
     accel: str
     cpu: str
     memory_mb: int = 512
@@ -43,6 +44,8 @@ class MachineConfig:
     cmdline: str | None = None
     qemu_binary: str = "qemu-system-x86_64"
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    #: Start with the CPU stopped (-S), so QMP can read what QEMU granted before the guest runs.
+    paused: bool = False
 
     def kernel_cmdline(self) -> str:
         if self.cmdline is not None:
@@ -51,12 +54,16 @@ class MachineConfig:
 
 
 def machine_args(config: MachineConfig) -> list[str]:
+    if config.image is None:
+        return ["-machine", config.machine, "-accel", config.accel]  # no vCPU to configure
     return ["-machine", config.machine, "-accel", config.accel, "-cpu", config.cpu,
             "-m", str(config.memory_mb), "-smp", str(config.smp)]  # fmt: skip
 
 
 def boot_args(config: MachineConfig) -> list[str]:
     image = config.image
+    if image is None:
+        return []
     return ["-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", config.kernel_cmdline()]
 
 
@@ -78,6 +85,7 @@ def network_args() -> list[str]:
 
 def build_argv(config: MachineConfig, qmp_fd: int) -> list[str]:
     """Return the full QEMU argv for ``config`` with QMP on ``qmp_fd``."""
+    guest = config.image is not None
     return [
         config.qemu_binary,
         "-name", "vpmu-guest",
@@ -86,11 +94,12 @@ def build_argv(config: MachineConfig, qmp_fd: int) -> list[str]:
         *boot_args(config),
         *console_args(),
         *qmp_args(qmp_fd),
-        *network_args(),
+        *(network_args() if guest else []),
+        *(["-S"] if config.paused else []),
         *config.extra_args,
     ]  # fmt: skip
 
 
 def image_files(config: MachineConfig) -> list[Path]:
     """The files QEMU reads; the launcher checks them before starting so a missing one is a clear error."""
-    return [config.image.kernel, config.image.initrd]
+    return [config.image.kernel, config.image.initrd] if config.image else []

@@ -1,0 +1,45 @@
+"""Enumeration: what the guest's CPUID, MSRs and kernel say about its PMU, against what is expected.
+
+These hold (and PASS) under TCG too where TCG defines the answer, e.g. a guest with pmu=off sees no PMU.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import verdicts
+
+pytestmark = pytest.mark.feature("enumeration")
+
+
+@pytest.mark.check("enum.pmu_visible")
+def test_pmu_visible(profile_run, check):
+    """CPUID (0AH on Intel, 80000001H/80000022H on AMD) and the guest kernel show a PMU iff one is expected."""
+    view = profile_run.view
+    check.judge(verdicts.pmu_visible(profile_run.pmu_expectation(), view), view.records)
+
+
+@pytest.mark.check("enum.pmu_msrs_fault")
+def test_pmu_msrs_fault_without_pmu(profile_run, check):
+    """With no vPMU, counter MSRs outside KVM's legacy compat set raise #GP."""
+    view = profile_run.view
+    verdict = verdicts.pmu_msrs_fault(profile_run.pmu_expectation(), profile_run.expectation("pmu_msrs_fault"), view)
+    check.judge(verdict, view.records)
+
+
+@pytest.mark.check("enum.perf_capabilities")
+def test_perf_capabilities(profile_run, check):
+    """IA32_PERF_CAPABILITIES exists exactly when CPUID.1:ECX.PDCM says so; its value is decoded and recorded."""
+    view = profile_run.view
+    verdict = verdicts.perf_capabilities(profile_run.pmu_expectation(), profile_run.expectation("pmu_msrs_fault"), view)
+    check.judge(verdict, view.records)
+
+
+@pytest.mark.check("enum.guest_within_host")
+def test_guest_within_host(profile_run, check, host_facts):
+    """The guest's PMU enumeration never exceeds the host's, nor KVM's limits (version <= 2, <= 8 GP, <= 3 fixed)."""
+    view = profile_run.view
+    verdict = verdicts.guest_within_host(
+        profile_run.accel, profile_run.pmu_expectation(), view, host_facts["cpu"].get("caps")
+    )
+    check.judge(verdict, view.records)

@@ -1,0 +1,169 @@
+"""The expectation engine: from host facts x profile x accelerator, is a feature expected in the guest?
+
+Rules are data (``guest_tests/kvm_features.toml``): per feature, the conditions that must all hold. Conditions
+are named Python predicates (no strings are evaluated); each returns None when it holds, or the reason it
+does not, prefixed with where the fact comes from (``accel:``, ``host:``, ``profile:``, ``kvm-limit:``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.cpu_model import CpuModel
+from harness.errors import UsageError
+from harness.paths import GUEST_TESTS_DIR
+from harness.profiles import Profile
+
+FEATURES_FILE = GUEST_TESTS_DIR / "kvm_features.toml"
+FEATURE_KEYS = {"description": str, "needs": list, "limits": dict, "sources": list}
+_ON = ("Y", "1", "y")
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything an expectation depends on, decided before the guest runs."""
+
+    accel: str
+    host: dict[str, Any]
+    profile: Profile
+
+    @property
+    def cpu(self) -> CpuModel:
+        return CpuModel.parse(self.profile.cpu_for(self.accel))
+
+    @property
+    def host_vendor(self) -> str | None:
+        return self.host.get("cpu", {}).get("vendor")
+
+
+def _accel_kvm(ctx: Context) -> str | None:
+    if ctx.accel == "kvm":
+        return None
+    why = ctx.host.get("accel_reason", "")
+    why = why.removeprefix("KVM unusable: ").split(";")[0] if why.startswith("KVM unusable") else "KVM not chosen"
+    return f"accel: no vPMU under {ctx.accel.upper()} (QEMU fills the PMU CPUID leaves only from KVM; {why})"
+
+
+def _kvm_enable_pmu(ctx: Context) -> str | None:
+    value = ctx.host.get("kvm", {}).get("enable_pmu")
+    return None if value in _ON else f"host: kvm.enable_pmu={value}"
+
+
+def _host_vendor(wanted: str) -> Callable[[Context], str | None]:
+    def check(ctx: Context) -> str | None:
+        return None if ctx.host_vendor == wanted else f"host: CPU vendor is {ctx.host_vendor}, not {wanted}"
+
+    return check
+
+
+def _host_pmu(ctx: Context) -> str | None:
+    if ctx.host.get("host_pmu", {}).get("present"):
+        return None
+    return "host: no hardware PMU (no cpu/cpu_core/cpu_atom PMU under /sys/bus/event_source/devices)"
+
+
+def _host_not_hybrid(ctx: Context) -> str | None:
+    if not ctx.host.get("host_pmu", {}).get("hybrid"):
+        return None
+    return "kvm-limit: KVM disables the vPMU on hybrid hosts (Linux 6.2+)"
+
+
+def _profile_pmu(ctx: Context) -> str | None:
+    cpu = ctx.cpu
+    if cpu.pmu_requested():
+        return None
+    how = "sets pmu=off" if "pmu" in cpu.props else f"uses model '{cpu.name}', whose pmu property defaults to off"
+    return f"profile: {ctx.profile.name} {how}"
+
+
+def _kvm_ignore_msrs_off(ctx: Context) -> str | None:
+    value = ctx.host.get("kvm", {}).get("ignore_msrs")
+    return "host: kvm.ignore_msrs=Y (KVM swallows the #GP)" if value in _ON else None
+
+
+CONDITIONS: dict[str, Callable[[Context], str | None]] = {
+    "accel_kvm": _accel_kvm,
+    "kvm_enable_pmu": _kvm_enable_pmu,
+    "host_intel": _host_vendor("GenuineIntel"),
+    "host_amd": _host_vendor("AuthenticAMD"),
+    "host_pmu": _host_pmu,
+    "host_not_hybrid": _host_not_hybrid,
+    "profile_pmu": _profile_pmu,
+    "kvm_ignore_msrs_off": _kvm_ignore_msrs_off,
+}
+
+
+@dataclass(frozen=True)
+class FeatureRule:
+    name: str
+    description: str
+    needs: tuple[str, ...]
+    limits: dict[str, int] = field(default_factory=dict)
+    sources: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """Whether ``feature`` is expected in the guest, and why (the SKIP reason when it is not)."""
+
+    feature: str
+    available: bool
+    reason: str
+    limits: dict[str, int] = field(default_factory=dict)
+    sources: tuple[str, ...] = ()
+
+
+def first_unmet(needs: tuple[str, ...] | list[str], ctx: Context) -> str | None:
+    """The reason of the first condition in ``needs`` that does not hold, or None when all hold."""
+    for name in needs:
+        reason = CONDITIONS[name](ctx)
+        if reason is not None:
+            return reason
+    return None
+
+
+def load_rules(path: Path = FEATURES_FILE) -> dict[str, FeatureRule]:
+    """Parse and validate the features file.
+
+    :raises UsageError: syntax error, unknown key or condition (one line naming file, feature and field).
+    """
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: not valid TOML: {exc}") from None
+    rules = {}
+    for name, table in data.items():
+        where = f"{path}: [{name}]"
+        for key, value in table.items():
+            if key not in FEATURE_KEYS:
+                raise UsageError(f"{where}: unknown key '{key}' (allowed: {', '.join(FEATURE_KEYS)})")
+            if not isinstance(value, FEATURE_KEYS[key]):
+                raise UsageError(f"{where}: field '{key}' must be a {FEATURE_KEYS[key].__name__}")
+        for key in ("description", "needs"):
+            if key not in table:
+                raise UsageError(f"{where}: missing field '{key}'")
+        bad = [c for c in table["needs"] if c not in CONDITIONS]
+        if bad:
+            raise UsageError(f"{where}: unknown condition '{bad[0]}' in 'needs' (allowed: {', '.join(CONDITIONS)})")
+        rules[name] = FeatureRule(name, table["description"], tuple(table["needs"]), table.get("limits", {}),
+                                  tuple(table.get("sources", ())))  # fmt: skip
+    return rules
+
+
+def expect(rule: FeatureRule, ctx: Context) -> Expectation:
+    """Decide whether the guest should have ``rule``'s feature."""
+    reason = first_unmet(rule.needs, ctx)
+    if reason is None:
+        return Expectation(rule.name, True, f"expected: {rule.description}", rule.limits, rule.sources)
+    return Expectation(rule.name, False, reason, rule.limits, rule.sources)
+
+
+def pmu_feature(ctx: Context) -> str:
+    """Which PMU feature rule applies: the host's vendor decides under KVM (the guest runs the host model)."""
+    return "amd_core_pmu" if ctx.host_vendor in ("AuthenticAMD", "HygonGenuine") else "arch_perfmon"

@@ -1,0 +1,98 @@
+"""Parameters of the counting probes, derived from the guest's decoded view (decoding happens once, in Python).
+
+Event encodings: SDM Vol. 3B, "Pre-defined Architectural Performance Events" (EVTSEL umask<<8 | event) and the
+fixed-counter pseudo-encodings of Linux's Intel PMU driver (0x0300 ref-cycles, 0x0400 slots: fixed-only);
+AMD: harness.verdicts.AMD_EVENTS.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harness.guest_view import GuestView
+from harness.verdicts import AMD_EVENTS
+
+PERF_TYPE_HARDWARE = 0
+PERF_TYPE_RAW = 4
+PERF_COUNT_HW_INSTRUCTIONS = 1
+ARCH_EVENTS = {
+    "core_cycles": 0x003C,
+    "instructions": 0x00C0,
+    "ref_cycles": 0x013C,
+    "llc_references": 0x4F2E,
+    "llc_misses": 0x412E,
+    "branch_instructions": 0x00C4,
+    "branch_misses": 0x00C5,
+    "topdown_slots": 0x01A4,
+}
+#: Raw configs perf schedules on fixed counter j (Linux arch/x86/events/intel/core.c fixed constraints).
+FIXED_CONFIGS = (0x00C0, 0x003C, 0x0300, 0x0400)
+#: Architectural events that may also run on a fixed counter: their group gets one more copy so that one copy
+#: can sit on the fixed counter and the others still cover every GP counter.
+FIXED_CAPABLE = {"instructions": 0, "core_cycles": 1}
+ITERATIONS = 1_000_000  # kvm-unit-tests' N
+SAMPLE_PERIOD = 100_003  # prime, so samples do not alias with the loop
+SAMPLE_REPEATS = 10  # 10 loops of N: ~1e8 instructions -> ~1000 samples, well under perf's default rate limit
+INVALID_RDPMC_INDEX = 64  # kvm-unit-tests x86/pmu.c: "Expected #GP on RDPMC(64)"
+
+
+def counters_params(view: GuestView) -> dict[str, Any]:
+    """Groups to open: every available event on every GP counter, and each fixed counter alone."""
+    events: list[dict[str, Any]] = []
+    perfmon = view.caps.arch_perfmon
+    if perfmon is not None:
+        for name, config in ARCH_EVENTS.items():
+            if not perfmon.events.get(name):
+                continue
+            fixed = FIXED_CAPABLE.get(name)
+            extra = 1 if fixed is not None and (perfmon.fixed_counter_mask >> fixed) & 1 else 0
+            events.append({"name": name, "set": "gp", "type": PERF_TYPE_RAW, "config": config,
+                           "copies": perfmon.gp_counters + extra})  # fmt: skip
+        for index, config in enumerate(FIXED_CONFIGS):
+            if (perfmon.fixed_counter_mask >> index) & 1:
+                events.append({"name": f"fixed{index}", "set": "fixed", "type": PERF_TYPE_RAW, "config": config,
+                               "copies": 1})  # fmt: skip
+    elif view.amd and view.cpuid_pmu:
+        assert view.caps.amd is not None
+        for name, config in AMD_EVENTS.items():
+            events.append({"name": name, "set": "gp", "type": PERF_TYPE_RAW, "config": config,
+                           "copies": view.caps.amd.core_counters})  # fmt: skip
+    else:
+        # No PMU enumerated: still try the generic event once, so the run records the kernel's own answer.
+        events.append({"name": "instructions", "set": "gp", "type": PERF_TYPE_HARDWARE,
+                       "config": PERF_COUNT_HW_INSTRUCTIONS, "copies": 1})  # fmt: skip
+    return {
+        "iterations": ITERATIONS,
+        "events": events,
+        "invalid_rdpmc_index": INVALID_RDPMC_INDEX,
+        "sample_period": SAMPLE_PERIOD,
+        "sample_repeats": SAMPLE_REPEATS,
+    }
+
+
+def msr_params(view: GuestView) -> dict[str, Any]:
+    """The register layout the msr probe programs."""
+    perfmon = view.caps.arch_perfmon
+    if perfmon is not None:
+        perf_caps = view.perf_capabilities() or {}
+        return {
+            "vendor": "intel",
+            "counters": perfmon.gp_counters,
+            "width": perfmon.gp_width,
+            "fixed_mask": perfmon.fixed_counter_mask,
+            "fixed_count": perfmon.fixed_counter_mask.bit_length(),
+            "fixed_width": perfmon.fixed_width,
+            "version": perfmon.version,
+            "full_width": bool(perf_caps.get("full_width_write")),
+            "iterations": ITERATIONS,
+        }
+    amd = view.caps.amd
+    assert amd is not None, "msr probe needs an enumerated PMU"
+    return {
+        "vendor": "amd",
+        "counters": amd.core_counters,
+        "width": 48,
+        "core_ext": amd.perfctr_core,
+        "perfmon_v2": amd.perfmon_v2,
+        "iterations": ITERATIONS,
+    }

@@ -1,0 +1,214 @@
+"""One profile's guest for a whole session: decide, boot once, look, and run probes on demand.
+
+``ProfileRun`` asks QEMU whether the profile's ``-cpu`` properties exist (a profile QEMU cannot start is
+"unavailable" with that reason, not a crash), boots the guest paused to read what QEMU granted, starts it,
+reads the guest's own view (enum probe), and memoizes every probe run so checks share one run. If the guest
+dies, the next probe request reboots it once, so one crash does not take the rest of the run with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.cpu_model import CpuModel
+from harness.errors import GuestError, HarnessError
+from harness.expectations import Context, Expectation, expect, first_unmet, load_rules, pmu_feature
+from harness.guest import Guest, boot_guest
+from harness.guest_view import ENUM_MSRS, GuestView, kernel_pmu_facts, view_from
+from harness.image import Image
+from harness.machine import QemuMachine
+from harness.probes import ProbeError, ProbeRun, ProbeRunner
+from harness.profiles import Profile
+from harness.qemu_argv import MachineConfig
+from harness.qemu_cpu import QemuCpuCaps, granted_props, probe_cpu_caps
+
+LOG = logging.getLogger(__name__)
+MAX_REBOOTS = 1
+
+
+def _seen(prop: str, view: GuestView) -> Any:
+    """The guest's own view of a QEMU CPU property (None when the guest cannot show it)."""
+    caps = view.caps
+    perf_caps = view.perf_capabilities() or {}
+    table: dict[str, Any] = {
+        "pmu": view.cpuid_pmu,
+        "pdcm": caps.pdcm,
+        "arch-lbr": caps.arch_lbr is not None,
+        "perfmon-v2": bool(caps.amd and caps.amd.perfmon_v2),
+        "perfctr-core": bool(caps.amd and caps.amd.perfctr_core),
+        "ibs": bool(caps.amd and caps.amd.ibs),
+        "lbr-fmt": perf_caps.get("lbr_format"),
+        "full-width-write": perf_caps.get("full_width_write"),
+    }
+    return table.get(prop)
+
+
+@dataclass
+class ProfileRun:
+    """A profile's guest and everything learned about it, shared by all checks of that profile."""
+
+    profile: Profile
+    accel: str
+    host: dict[str, Any]
+    image: Image
+    log_dir: Path | None = None
+    boot_timeout_s: float = 120.0
+    unavailable: str | None = None
+    boot_error: str | None = None
+    boot_s: float | None = None
+    reboots: int = 0
+    qemu_caps: QemuCpuCaps | None = None
+    features: dict[str, dict[str, Any]] = field(default_factory=dict)
+    filtered_features: list[dict[str, Any]] = field(default_factory=list)
+    view: GuestView | None = None
+    probe_timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    _guest: Guest | None = None
+    _stack: contextlib.ExitStack | None = None
+    _runner: ProbeRunner | None = None
+    _probes: dict[str, ProbeRun | ProbeError] = field(default_factory=dict)
+
+    @property
+    def ctx(self) -> Context:
+        return Context(self.accel, self.host, self.profile)
+
+    @property
+    def cpu(self) -> CpuModel:
+        return CpuModel.parse(self.profile.cpu_for(self.accel))
+
+    def expectation(self, feature: str) -> Expectation:
+        return expect(load_rules()[feature], self.ctx)
+
+    def pmu_expectation(self) -> Expectation:
+        return self.expectation(pmu_feature(self.ctx))
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Decide whether the profile can run here, and boot its guest.
+
+        :raises GuestError: the guest did not boot (the reason carries the serial tail).
+        """
+        reason = first_unmet(self.profile.requires, self.ctx)
+        if not self.profile.applies_to(self.accel):
+            reason = f"profile: {self.profile.name} applies to {', '.join(self.profile.accels)}, not {self.accel}"
+        if reason is None:
+            self.qemu_caps = probe_cpu_caps(self.profile.cpu_for(self.accel), self.accel)
+            missing = self.qemu_caps.missing(self.cpu)
+            if missing:
+                reason = (f"qemu: this QEMU's '{self.cpu.name}' CPU has no property {', '.join(missing)} "
+                          f"(qom-list-properties {self.cpu.qom_type()})")  # fmt: skip
+        if reason is not None:
+            self.unavailable = reason
+            return
+        self._boot()
+
+    def _boot(self) -> None:
+        config = MachineConfig(image=self.image, accel=self.accel, cpu=self.profile.cpu_for(self.accel), paused=True)
+        self._stack = contextlib.ExitStack()
+        start = time.monotonic()
+        try:
+            guest = self._stack.enter_context(
+                boot_guest(config, self.boot_timeout_s, self.log_dir, before_start=self._read_granted)
+            )
+        except BaseException as exc:
+            self._stack.close()
+            self._stack = None
+            if isinstance(exc, GuestError):
+                self.boot_error = str(exc)
+            raise
+        self._guest = guest
+        self.boot_s = time.monotonic() - start
+        self._runner = ProbeRunner(guest.ssh)
+        self._probes.clear()
+        self._look()
+
+    def _read_granted(self, machine: QemuMachine) -> None:
+        granted, self.filtered_features = granted_props(machine, self.cpu)
+        expansion = self.qemu_caps.expansion if self.qemu_caps else {}
+        self.features = {
+            name: {"requested": value, "qemu_expansion": expansion.get(name), "granted": granted.get(name)}
+            for name, value in self.cpu.props.items()
+        }
+
+    def _look(self) -> None:
+        """The guest's own view (third column of requested / granted / seen)."""
+        assert self._guest is not None
+        run = self.probe("enum", {"msrs": list(ENUM_MSRS)})
+        pmus, banner = kernel_pmu_facts(self._guest.ssh)
+        self.view = view_from(run, pmus, banner)
+        for name, row in self.features.items():
+            row["seen"] = _seen(name, self.view)
+        self.features.setdefault("pmu", {"requested": self.cpu.pmu_requested(), "granted": None})
+        self.features["pmu"]["seen"] = self.view.cpuid_pmu
+
+    def close(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+        self._guest = None
+
+    @property
+    def guest(self) -> Guest:
+        if self._guest is None:
+            raise HarnessError(self.unavailable or self.boot_error or "guest is not running")
+        return self._guest
+
+    def _ensure_alive(self) -> None:
+        guest = self.guest
+        if guest.machine.is_running():
+            return
+        if self.reboots >= MAX_REBOOTS:
+            raise GuestError(
+                f"guest died (QEMU exit code {guest.machine.exitcode}) and was already rebooted {self.reboots} "
+                f"time(s)\n--- serial log (tail) ---\n{guest.machine.serial_tail()}"
+            )
+        LOG.warning("guest of profile %s died (exit %s); rebooting", self.profile.name, guest.machine.exitcode)
+        self.reboots += 1
+        self.close()
+        self._boot()
+
+    # --- probes ------------------------------------------------------------------------------------------
+
+    def probe(self, name: str, params: dict[str, Any] | None = None, key: str | None = None) -> ProbeRun:
+        """Run probe ``name`` once per guest (memoized under ``key``, default the name) and return its run.
+
+        :raises ProbeError: the probe failed (the same error is raised to every check that asks again).
+        :raises GuestError: the guest died and could not be brought back.
+        """
+        key = key or name
+        cached = self._probes.get(key)
+        if cached is None:
+            self._ensure_alive()
+            assert self._runner is not None
+            try:
+                cached = self._runner.run(name, params)
+                self.probe_timings[key] = {"run_s": round(cached.duration_s, 3), "copy_s": round(cached.copy_s, 3)}
+            except ProbeError as exc:
+                if not self.guest.machine.is_running():
+                    exc.reason += f" (guest died)\n--- serial log (tail) ---\n{self.guest.machine.serial_tail()}"
+                cached = exc
+            except GuestError as exc:
+                cached = ProbeError(name, f"{exc}\n--- serial log (tail) ---\n{self.guest.machine.serial_tail()}")
+            self._probes[key] = cached
+        if isinstance(cached, ProbeError):
+            raise cached
+        return cached
+
+    def summary(self) -> dict[str, Any]:
+        """The ``guest`` object of this run in results.json."""
+        return {
+            "cpu": self.profile.cpu_for(self.accel),
+            "kernel_release": self.image.kernel_release,
+            "unavailable": self.unavailable,
+            "boot_error": self.boot_error,
+            "reboots": self.reboots,
+            "features": self.features,
+            "filtered_features": self.filtered_features,
+            "view": self.view.summary() if self.view else None,
+            "probe_timings": self.probe_timings,
+        }

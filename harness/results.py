@@ -1,0 +1,90 @@
+"""results.json: the record of a run that reports, merges and diffs read (schema ``vpmu-results/1``).
+
+``{"schema", "host": {doctor facts}, "runs": [{"profile", "load", "accel", "boot_s", "guest": {...},
+"checks": [{"id", "feature", "status", "reason", "expected", "observed", "duration_s", "measurements"}]}]}``
+``measurements`` keeps the raw probe records a verdict was made from, so results from a real host can be judged
+again offline when a rule changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UsageError
+
+SCHEMA = "vpmu-results/1"
+STATUSES = ("pass", "fail", "skip", "error")
+CHECK_KEYS = ("id", "feature", "status", "reason", "expected", "observed", "duration_s", "measurements")
+RUN_KEYS = ("profile", "load", "accel", "boot_s", "guest", "checks")
+
+
+@dataclass
+class CheckResult:
+    """One check of one run."""
+
+    id: str
+    feature: str
+    status: str
+    reason: str
+    expected: Any = None
+    observed: Any = None
+    duration_s: float = 0.0
+    measurements: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in CHECK_KEYS}
+
+
+def build(host: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"schema": SCHEMA, "host": host, "runs": runs}
+
+
+def write(path: Path, document: dict[str, Any]) -> None:
+    """Write atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".results-", dir=path.parent)
+    with os.fdopen(fd, "w") as out:
+        json.dump(document, out, indent=1, default=str)
+        out.write("\n")
+    os.replace(tmp, path)
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Read and validate a results file.
+
+    :raises UsageError: unreadable, not JSON (e.g. truncated), wrong schema or missing fields; one line.
+    """
+    try:
+        document = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read results: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}: not valid JSON (truncated?): {exc.msg} at line {exc.lineno}") from None
+    validate(document, str(path))
+    return document
+
+
+def validate(document: Any, where: str) -> None:
+    if not isinstance(document, dict):
+        raise UsageError(f"{where}: results must be a JSON object")
+    if document.get("schema") != SCHEMA:
+        raise UsageError(f"{where}: schema is {document.get('schema')!r}, expected {SCHEMA!r}")
+    for key in ("host", "runs"):
+        if key not in document:
+            raise UsageError(f"{where}: missing field '{key}'")
+    for i, run in enumerate(document["runs"]):
+        for key in RUN_KEYS:
+            if key not in run:
+                raise UsageError(f"{where}: runs[{i}]: missing field '{key}'")
+        for j, check in enumerate(run["checks"]):
+            for key in CHECK_KEYS:
+                if key not in check:
+                    raise UsageError(f"{where}: runs[{i}].checks[{j}]: missing field '{key}'")
+            if check["status"] not in STATUSES:
+                raise UsageError(f"{where}: runs[{i}].checks[{j}]: status {check['status']!r} "
+                                 f"(allowed: {', '.join(STATUSES)})")  # fmt: skip

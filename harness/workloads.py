@@ -1,0 +1,61 @@
+"""The generated workload's exact instruction and branch counts, declared once.
+
+The probe templates render the loop from :data:`LOOP` (``guest_tests/probes/_common.h.j2``, ``vpmu_loop``);
+verdicts derive their exact expectations from the same object; the self-tests run the compiled loop under
+valgrind's callgrind and assert these numbers. kvm-unit-tests' 10N+17 belongs to its own bare-metal blob; in a
+Linux guest the exact number must come from code we generate, measured differentially (N minus 0 iterations)
+so the enable/disable path cancels out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LoopWorkload:
+    """``vpmu_loop(n, buf)``: per iteration one load, ``add``, ``nops`` NOPs, ``dec``, ``nop``, ``jnz``."""
+
+    nops: int = 5
+
+    @property
+    def insns_per_iter(self) -> int:
+        return self.nops + 5  # mov (load) + add + nops + dec + nop + jnz
+
+    #: mov rdi->rcx, test, jz (not taken for n > 0, taken for n = 0), ret.
+    fixed_insns: int = 4
+    branches_per_iter: int = 1  # jnz
+    #: jz and ret: the architectural "branch instructions retired" event counts returns too
+    #: (SDM Vol. 3B, "Pre-defined Architectural Performance Events": all branch instructions at retirement).
+    fixed_branches: int = 2
+    loads_per_iter: int = 1
+
+    def instructions(self, iterations: int) -> int:
+        """Instructions retired inside ``vpmu_loop`` for ``iterations``."""
+        return iterations * self.insns_per_iter + self.fixed_insns
+
+    def branches(self, iterations: int) -> int:
+        return iterations * self.branches_per_iter + self.fixed_branches
+
+    def conditional_branches(self, iterations: int) -> int:
+        """jz once, jnz per iteration: what callgrind's ``Bc`` counts (it does not count ``ret``)."""
+        return iterations * self.branches_per_iter + 1
+
+    def delta_instructions(self, iterations: int) -> int:
+        """The differential expectation: instructions(n) - instructions(0)."""
+        return self.instructions(iterations) - self.instructions(0)
+
+    def delta_branches(self, iterations: int) -> int:
+        return self.branches(iterations) - self.branches(0)
+
+    def template_params(self) -> dict[str, int]:
+        return {
+            "nops": self.nops,
+            "insns_per_iter": self.insns_per_iter,
+            "fixed_insns": self.fixed_insns,
+            "branches_per_iter": self.branches_per_iter,
+            "fixed_branches": self.fixed_branches,
+        }
+
+
+LOOP = LoopWorkload()
