@@ -90,6 +90,20 @@ def make_parser() -> argparse.ArgumentParser:
     execp.add_argument("--dry-run", action="store_true",
                        help="print the QEMU command line instead of booting (QMP: an inherited fd)")  # fmt: skip
     execp.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
+
+    run = sub.add_parser(
+        "run",
+        help="run the suite (pytest guest_tests) and write results.json and junit.xml",
+        description="Run every check under each selected profile; without --profile, every profile that applies "
+        "to this host and accelerator. Exit 0 when no check failed or errored (skips are fine).",
+    )
+    run.add_argument("--profile", action="append", default=[], metavar="NAME", help="profile (repeatable)")
+    run.add_argument("--profiles-file", type=Path, default=DEFAULT_PROFILES_FILE, metavar="FILE")
+    run.add_argument("--out", type=Path, default=Path("out"), metavar="DIR", help="report directory (default: out)")
+    run.add_argument("--image", type=Path, metavar="DIR", help="guest image directory (default: build/use cache)")
+    run.add_argument("--kernel", type=Path, metavar="PATH", help="build the guest image from this bzImage")
+    run.add_argument("--accel", choices=ACCELS, help="override the accelerator doctor picks")
+    run.add_argument("pytest_args", nargs=argparse.REMAINDER, help="-- extra pytest arguments (e.g. -k gp)")
     return parser
 
 
@@ -192,6 +206,39 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return result.rc
 
 
+#: pytest's exit codes -> ours (pytest: 0 ok, 1 tests failed, 2 interrupted, 3 internal error, 4 usage error,
+#: 5 no tests collected).
+PYTEST_EXIT = {0: ExitCode.OK, 1: ExitCode.FAILED, 2: ExitCode.INTERRUPTED, 3: ExitCode.FAILED, 4: ExitCode.USAGE}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import pytest
+
+    from harness.paths import GUEST_TESTS_DIR
+
+    profiles = load_profiles(args.profiles_file)
+    for name in args.profile:
+        select_profile(profiles, name, args.profiles_file)
+    if args.image is not None and args.kernel is not None:
+        raise UsageError("run: give --image or --kernel, not both")
+    extra = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    argv = [str(GUEST_TESTS_DIR), "-p", "no:cacheprovider", "-q", "--profiles-file", str(args.profiles_file),
+            "--results", str(out / "results.json"), "--junitxml", str(out / "junit.xml"),
+            "--vpmu-log-dir", str(out / "logs")]  # fmt: skip
+    for name in args.profile:
+        argv += ["--profile", name]
+    for option, value in (("--image", args.image), ("--kernel", args.kernel), ("--accel", args.accel)):
+        if value is not None:
+            argv += [option, str(value)]
+    code = pytest.main([*argv, *extra])
+    if code == 5:
+        print("ERROR: run: no checks selected (check -k/-m arguments)", file=sys.stderr)
+        return ExitCode.USAGE
+    return PYTEST_EXIT.get(int(code), ExitCode.FAILED)
+
+
 def _raise_on_sigterm(signum: int, frame: object) -> None:
     """Turn SIGTERM into an exception so every ``with`` block (QEMU, temp dirs) cleans up before exit."""
     raise SystemExit(128 + signum)
@@ -204,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         args = make_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
-        handlers = {"doctor": cmd_doctor, "caps": cmd_caps, "exec": cmd_exec}
+        handlers = {"doctor": cmd_doctor, "caps": cmd_caps, "exec": cmd_exec, "run": cmd_run}
         if args.command == "image":
             return cmd_image_build(args)
         return handlers[args.command](args)

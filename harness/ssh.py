@@ -27,6 +27,8 @@ DEFAULT_COMMAND_TIMEOUT_S = 60.0
 ATTEMPT_TIMEOUT_S = 10.0
 #: Pause between connection attempts while dropbear starts (slirp accepts, then drops, until it listens).
 RETRY_PAUSE_S = 0.05
+#: Deadline of the one reconnect run() makes when a command cannot be started.
+RECONNECT_TIMEOUT_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,13 @@ class CommandResult:
     stdout: str
     stderr: str
     duration_s: float
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a connect error was a TCP refusal (paramiko wraps refusals in NoValidConnectionsError)."""
+    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
+        return all(isinstance(e, ConnectionRefusedError) for e in exc.errors.values())
+    return isinstance(exc, ConnectionRefusedError)
 
 
 def parse_public_key(line: str) -> paramiko.PKey:
@@ -65,6 +74,8 @@ class GuestSession:
         self._pkey = paramiko.Ed25519Key.from_private_key_file(str(key_path))
         self._host_key = parse_public_key(host_key)
         self._client: paramiko.SSHClient | None = None
+        #: How often run() had to reconnect because a command could not be started (see run()).
+        self.reconnects = 0
 
     def __enter__(self) -> GuestSession:
         return self
@@ -74,9 +85,11 @@ class GuestSession:
     ) -> None:
         self.close()
 
-    def connect(self, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> float:
+    def connect(self, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, refused_is_final: bool = False) -> float:
         """Connect and authenticate, retrying while the guest's sshd starts; return seconds taken.
 
+        :param refused_is_final: give up at the first refused TCP connection. The forwarded port is QEMU's
+            (slirp accepts even while the guest's sshd is down), so a refusal means QEMU itself is gone.
         :raises SshError: no SSH handshake within ``timeout_s`` seconds, or the host key did not match.
         """
         start = time.monotonic()
@@ -101,6 +114,8 @@ class GuestSession:
             except (paramiko.SSHException, OSError, EOFError) as exc:
                 client.close()
                 last = exc
+                if refused_is_final and _refused(exc):
+                    raise SshError(f"{self.host}:{self.port} refused the connection (QEMU gone?)") from exc
                 time.sleep(RETRY_PAUSE_S)
                 continue
             transport = client.get_transport()
@@ -131,13 +146,15 @@ class GuestSession:
         start = time.monotonic()
         deadline = start + timeout_s
         try:
-            channel = self._transport().open_session(timeout=timeout_s)
-            channel.exec_command(command)
-            if stdin:
-                channel.sendall(stdin)
-            channel.shutdown_write()
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise SshError(f"cannot start guest command {command!r}: {exc}") from exc
+            channel = self._start(command, stdin, timeout_s)
+        except SshError as exc:
+            # Rarely (2 of ~100 fresh boots here) dropbear drops the session or refuses the channel on the first
+            # commands after boot. The command never started, so one reconnect and retry is safe.
+            LOG.warning("guest SSH: %s; reconnecting once", exc)
+            self.reconnects += 1
+            self.close()
+            self.connect(min(timeout_s, RECONNECT_TIMEOUT_S), refused_is_final=True)
+            channel = self._start(command, stdin, timeout_s)
         out, err = bytearray(), bytearray()
         try:
             while True:
@@ -165,6 +182,18 @@ class GuestSession:
             channel.close()
         return CommandResult(command, rc, out.decode(errors="replace"), err.decode(errors="replace"),
                              time.monotonic() - start)  # fmt: skip
+
+    def _start(self, command: str, stdin: bytes, timeout_s: float) -> paramiko.Channel:
+        """Open a session channel and start ``command`` in it; SshError if either step fails."""
+        try:
+            channel = self._transport().open_session(timeout=timeout_s)
+            channel.exec_command(command)
+            if stdin:
+                channel.sendall(stdin)
+            channel.shutdown_write()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise SshError(f"cannot start guest command {command!r}: {exc}") from exc
+        return channel
 
     def check(self, command: str, timeout_s: float = DEFAULT_COMMAND_TIMEOUT_S) -> CommandResult:
         """Like :meth:`run`, but a non-zero exit raises :class:`GuestCommandError` with the stderr tail."""
