@@ -192,7 +192,9 @@ class ProbeRunner:
             self.session.put(probe.binary, remote, mode=0o755)
             copy_s = time.monotonic() - start
             self._copied.add(remote)
-        command = shlex.join([remote, str(cpu), *args])
+        # "; exit $?" keeps the guest shell as the probe's parent (no exec), so a probe killed by a signal
+        # reports 128 + N instead of an SSH exit-signal paramiko does not surface.
+        command = shlex.join([remote, str(cpu), *args]) + "; exit $?"
         try:
             result = self.session.run(command, timeout_s=timeout_s)
         except GuestCommandError as exc:

@@ -17,12 +17,14 @@ from typing import Any
 import pytest
 
 from harness import hostfacts, results
+from harness.cpu_model import CpuModel
 from harness.errors import GuestError, HarnessError, UsageError
 from harness.expectations import Context, first_unmet
 from harness.image import Image, build_image, find_or_build_image
 from harness.probes import ProbeError
 from harness.profile_run import ProfileRun
 from harness.profiles import ACCELS, DEFAULT_PROFILES_FILE, Profile, load_profiles, select_profile
+from harness.qemu_cpu import probe_cpu_caps
 from harness.verdicts import Verdict
 
 IMAGE_HELP = "guest image directory (default: the default image, built into the user cache on first use)"
@@ -57,6 +59,7 @@ class SessionState:
     runs: dict[str, ProfileRun] = field(default_factory=dict)
     checks: dict[str, list[results.CheckResult]] = field(default_factory=dict)
     boot_failures: dict[str, str] = field(default_factory=dict)
+    usage_error: str | None = None
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -122,8 +125,27 @@ def _selected_profiles(config: pytest.Config) -> list[str]:
             for name, profile in state.profiles.items()
             if profile.applies_to(accel) and first_unmet(profile.requires, Context(accel, facts, profile)) is None
         ]
+    _reject_property_typos(config, [state.profiles[n] for n in names], path)
     state.selected = names
     return names
+
+
+def _reject_property_typos(config: pytest.Config, profiles: list[Profile], path: Path) -> None:
+    """A -cpu property that neither this QEMU nor any QEMU we know has is a typo: a usage error, before any boot."""
+    accel = _accel(config)
+    for profile in profiles:
+        if not profile.applies_to(accel):
+            continue
+        cpu_text = profile.cpu_for(accel)
+        try:
+            caps = probe_cpu_caps(cpu_text, accel)
+        except HarnessError as exc:
+            raise pytest.UsageError(f"{path}: [{profile.name}]: QEMU cannot check -cpu {cpu_text}: {exc}") from None
+        typos = caps.typos(CpuModel.parse(cpu_text))
+        if typos:
+            field_name = "cpu" if accel == "kvm" else "tcg_cpu (default: cpu with host -> max)"
+            raise pytest.UsageError(f"{path}: [{profile.name}]: field '{field_name}': unknown -cpu property "
+                                    f"'{typos[0]}'{caps.suggestion(typos[0])}")  # fmt: skip
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -142,9 +164,23 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Every check runs once per selected profile; the profile is a session-scoped parameter, so pytest
     groups the checks of one profile together and boots its guest once."""
     if "vpmu_profile" in metafunc.fixturenames:
+        state = metafunc.config.stash[STATE_KEY]
+        try:
+            names = _selected_profiles(metafunc.config)
+        except pytest.UsageError as exc:
+            # Raised here it would become a collection error per module; re-raised once, after collection, it is
+            # pytest's one-line "ERROR: ..." and exit 4 (harness run maps that to 2).
+            state.usage_error = str(exc)
+            names = []
         # indirect: one real session fixture shared by every module, so pytest groups all checks of a profile
         # (a direct session-scoped parametrization makes a pseudo-fixture per module and reboots per module).
-        metafunc.parametrize("vpmu_profile", _selected_profiles(metafunc.config), scope="session", indirect=True)
+        metafunc.parametrize("vpmu_profile", names, scope="session", indirect=True)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    error = session.config.stash[STATE_KEY].usage_error
+    if error:
+        raise pytest.UsageError(error)
 
 
 def _check_identity(item: pytest.Item) -> tuple[str, str, str]:

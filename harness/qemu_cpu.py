@@ -7,6 +7,7 @@ skipped with that reason instead of letting QEMU die at start-up.
 
 from __future__ import annotations
 
+import difflib
 import functools
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,18 @@ from qemu.qmp import ExecuteError
 from harness.cpu_model import CpuModel
 from harness.machine import QemuMachine
 from harness.qemu_argv import MachineConfig
+
+#: vPMU-related ``-cpu`` properties that exist in some QEMU release or posted series. A profile naming one that
+#: this QEMU lacks is skipped ("QEMU too old"); a name in neither this list nor this QEMU is a typo (exit 2).
+#: Sources: QEMU target/i386/cpu.c feature_word_info names (pdcm, arch-lbr, perfmon-v2, perfctr-core,
+#: perfctr-nb, ibs, full-width-write, pebs-baseline, ds, dtes64), the lbr-fmt property (QEMU 7.1), and the
+#: 2026 series "target/i386: Misc PMU fixes and enabling" (pebs-fmt, pebs-trap, pebs-arch-reg, pebs-timing-info,
+#: perf-metrics).
+KNOWN_VPMU_PROPERTIES = frozenset({
+    "pmu", "lbr-fmt", "pdcm", "arch-lbr", "perfmon-v2", "perfctr-core", "perfctr-nb", "ibs", "full-width-write",
+    "pebs-fmt", "pebs-trap", "pebs-arch-reg", "pebs-baseline", "pebs-timing-info", "perf-metrics", "ds", "dtes64",
+    "migratable", "amd-lbr-v2", "lbrv",
+})  # fmt: skip
 
 #: QMP ``qom-get`` property of an x86 CPU that lists the CPUID feature bits QEMU had to drop (libvirt reads it).
 FILTERED_FEATURES = "filtered-features"
@@ -35,6 +48,14 @@ class QemuCpuCaps:
     def missing(self, cpu: CpuModel) -> list[str]:
         """Requested properties this QEMU's model does not have."""
         return [name for name in cpu.props if name not in self.properties]
+
+    def typos(self, cpu: CpuModel) -> list[str]:
+        """Missing properties that no QEMU we know of has either: almost certainly misspelt."""
+        return [name for name in self.missing(cpu) if name not in KNOWN_VPMU_PROPERTIES]
+
+    def suggestion(self, name: str) -> str:
+        close = difflib.get_close_matches(name, sorted(self.properties | KNOWN_VPMU_PROPERTIES), n=1)
+        return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 @functools.lru_cache(maxsize=32)

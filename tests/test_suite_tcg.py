@@ -1,0 +1,117 @@
+"""The whole suite, run as a user runs it (`python -m harness run`), on this host's accelerator (TCG here).
+
+Under TCG every PMU check must SKIP with its reason, enumeration checks PASS where TCG defines the answer,
+nothing FAILs or ERRORs; results.json and junit.xml agree; a guest that panics is an ERROR with its serial tail
+and the run goes on to the next profile.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import gzip
+import json
+import shutil
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from harness import results
+from harness.qemu_cpu import probe_cpu_caps
+from tests.helpers import assert_one_line_error, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def suite_run(tmp_path_factory, guest_image):
+    out = tmp_path_factory.mktemp("run")
+    proc = run_cli("run", "--image", str(guest_image.directory), "--out", str(out), timeout_s=600)
+    return proc, out
+
+
+def test_run_exits_zero_and_writes_reports(suite_run, host_facts):
+    proc, out = suite_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    document = results.load(out / "results.json")
+    assert [r["profile"] for r in document["runs"]] == ["pmu-off", "pmu-on"]
+    assert document["host"]["accel"] == host_facts["accel"]
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("SUMMARY:")]
+    assert summary and fnmatch.fnmatch(summary[0], "SUMMARY: * checks, * passed, 0 failed, * skipped, 0 errors")
+    testcases = ET.parse(out / "junit.xml").getroot().iter("testcase")
+    assert sum(1 for _ in testcases) == sum(len(r["checks"]) for r in document["runs"])
+    for profile in ("pmu-off", "pmu-on"):
+        assert (out / "logs" / profile / "serial.log").read_text().count("VPMU-GUEST-READY") == 1
+
+
+def test_tcg_verdicts(suite_run, host_facts):
+    if host_facts["accel"] != "tcg":
+        pytest.skip("host: KVM is usable here; this test covers the TCG path")
+    document = json.loads((suite_run[1] / "results.json").read_text())
+    for run in document["runs"]:
+        checks = {c["id"]: c for c in run["checks"]}
+        assert checks["enum.pmu_visible"]["status"] == "pass", checks["enum.pmu_visible"]
+        for check in run["checks"]:
+            assert check["status"] in ("pass", "skip"), check
+            if check["id"].startswith("arch."):
+                assert check["status"] == "skip"
+                assert check["reason"].startswith(("accel: no vPMU under TCG", "not-applicable:")), check["reason"]
+        # every arch.gp check still ran the counters probe: the measurement carries the guest kernel's errno
+        gp = checks["arch.gp.instructions"]
+        assert run["guest"]["probe_timings"]["counters"]["run_s"] > 0
+        assert gp["status"] == "skip"
+
+
+def test_requested_granted_seen(suite_run, host_facts):
+    if host_facts["accel"] != "tcg":
+        pytest.skip("host: KVM is usable here; this test covers the TCG path")
+    runs = {r["profile"]: r for r in json.loads((suite_run[1] / "results.json").read_text())["runs"]}
+    # QEMU grants pmu=on under TCG but fills no PMU leaf without KVM: requested and granted, not seen.
+    assert runs["pmu-on"]["guest"]["features"]["pmu"] == {"requested": True, "qemu_expansion": True,
+                                                         "granted": True, "seen": False}  # fmt: skip
+    assert runs["pmu-off"]["guest"]["features"]["pmu"]["seen"] is False
+    assert runs["pmu-on"]["boot_s"] > 0
+    view = runs["pmu-on"]["guest"]["view"]
+    assert view["caps"]["hypervisor"] == "TCGTCGTCGTCG" and "msr" in view["kernel_pmus"]
+
+
+def test_profile_qemu_lacks_is_skipped_with_the_reason(tmp_path, guest_image, host_facts):
+    prop = "perfmon-v2"
+    if prop in probe_cpu_caps("max", host_facts["accel"]).properties:
+        pytest.skip(f"qemu: this QEMU has '{prop}'; the too-old-QEMU path needs one that lacks it")
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text(f'[amd-v2]\ndescription = "PerfMonV2"\ncpu = "host,pmu=on,+{prop}"\n')
+    proc = run_cli("run", "--profiles-file", str(profiles), "--image", str(guest_image.directory),
+                   "--out", str(tmp_path / "out"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads((tmp_path / "out" / "results.json").read_text())["runs"][0]
+    assert run["boot_s"] is None
+    assert all(c["status"] == "skip" and f"has no property {prop}" in c["reason"] for c in run["checks"])
+
+
+def test_property_typo_is_a_usage_error(tmp_path):
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text('[typo]\ndescription = "d"\ncpu = "host,pmu=on,+pdmc"\n')
+    proc = run_cli("run", "--profiles-file", str(profiles), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert "unknown -cpu property 'pdmc' (did you mean 'pdcm'?)" in proc.stderr
+
+
+def test_unknown_profile_is_a_usage_error(tmp_path):
+    assert_one_line_error(run_cli("run", "--profile", "nope", "--out", str(tmp_path)), "no profile 'nope'")
+
+
+def test_guest_that_panics_is_an_error_with_the_serial_tail_and_the_run_goes_on(tmp_path, guest_image):
+    """An image whose initramfs is garbage: the kernel panics; every check of both profiles is ERROR with the
+    panic text, results.json is still written, exit 1."""
+    image = tmp_path / "image"
+    shutil.copytree(guest_image.directory, image)
+    (image / "initramfs.cpio.gz").write_bytes(gzip.compress(b"not a cpio archive" * 100))
+    out = tmp_path / "out"
+    proc = run_cli("run", "--image", str(image), "--out", str(out), "--", "-k", "enum", timeout_s=300)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    document = results.load(out / "results.json")
+    assert [r["profile"] for r in document["runs"]] == ["pmu-off", "pmu-on"]
+    for run in document["runs"]:
+        assert run["checks"] and all(c["status"] == "error" for c in run["checks"])
+        assert "Kernel panic" in run["checks"][0]["reason"]
+        assert "serial log (tail)" in run["checks"][0]["reason"]
