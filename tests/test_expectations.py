@@ -15,7 +15,7 @@ from tests.helpers import CPUID_DIR
 def host(vendor="GenuineIntel", accel="kvm", enable_pmu="Y", present=True, hybrid=False, ignore_msrs="N"):
     dump = "GenuineIntel00806F8_SapphireRapids_05_CPUID.txt" if vendor == "GenuineIntel" else \
         "AuthenticAMD0A10F11_K19_Genoa_01_CPUID.txt"  # fmt: skip
-    return {"accel": accel, "accel_reason": "KVM unusable: the KVM module is kvm_pvm (...); the CPU has no vmx/svm flag",
+    return {"accel": accel, "accel_reason": "KVM unusable: the KVM module is kvm_pvm (...); no vmx/svm",
             "cpu": {"vendor": vendor, "caps": decode_caps(load_cpuid_dump(CPUID_DIR / dump)).to_json()},
             "kvm": {"enable_pmu": enable_pmu, "ignore_msrs": ignore_msrs},
             "host_pmu": {"present": present, "hybrid": hybrid}}  # fmt: skip
