@@ -7,13 +7,13 @@ does not, prefixed with where the fact comes from (``accel:``, ``host:``, ``prof
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harness.cpu_model import CpuModel
+from harness.datafiles import read_toml
 from harness.errors import UsageError
 from harness.paths import GUEST_TESTS_DIR
 from harness.profiles import Profile
@@ -131,12 +131,7 @@ def load_rules(path: Path = FEATURES_FILE) -> dict[str, FeatureRule]:
 
     :raises UsageError: syntax error, unknown key or condition (one line naming file, feature and field).
     """
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"{path}: not valid TOML: {exc}") from None
+    data = read_toml(path, "KVM feature rules")
     rules = {}
     for name, table in data.items():
         where = f"{path}: [{name}]"

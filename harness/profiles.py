@@ -6,11 +6,11 @@ so every error names the file, the profile, the field and what is allowed, in on
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.cpu_model import CpuModel
+from harness.datafiles import read_toml
 from harness.errors import UsageError
 from harness.paths import GUEST_TESTS_DIR
 
@@ -91,12 +91,7 @@ def load_profiles(path: Path = DEFAULT_PROFILES_FILE) -> dict[str, Profile]:
     :raises UsageError: unreadable file, TOML syntax error, or an invalid profile (one line, with the field).
     """
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read profiles file: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"{path}: not valid TOML: {exc}") from None
+    data = read_toml(path, "profiles file")
     if not data:
         raise UsageError(f"{path}: defines no profile")
     return {name: _profile(path, name, table) for name, table in data.items()}
