@@ -104,6 +104,19 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--kernel", type=Path, metavar="PATH", help="build the guest image from this bzImage")
     run.add_argument("--accel", choices=ACCELS, help="override the accelerator doctor picks")
     run.add_argument("pytest_args", nargs=argparse.REMAINDER, help="-- extra pytest arguments (e.g. -k gp)")
+
+    report = sub.add_parser("report", help="render, merge and diff results files")
+    report_sub = report.add_subparsers(dest="report_command", required=True, parser_class=_Parser)
+    render_p = report_sub.add_parser("render", help="write matrix.md and matrix.html from one results.json")
+    render_p.add_argument("results", type=Path, metavar="RESULTS.json")
+    render_p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    merge_p = report_sub.add_parser("merge", help="one matrix across hosts (a column per host x profile x load)")
+    merge_p.add_argument("results", type=Path, nargs="+", metavar="RESULTS.json")
+    merge_p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    diff_p = report_sub.add_parser("diff", help="list changes between two runs; exit 1 on any pass -> fail/error")
+    diff_p.add_argument("old", type=Path, metavar="OLD.json")
+    diff_p.add_argument("new", type=Path, metavar="NEW.json")
+    diff_p.add_argument("--md", action="store_true", help="Markdown (for a CI comment)")
     return parser
 
 
@@ -239,6 +252,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return PYTEST_EXIT.get(int(code), ExitCode.FAILED)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness import diff, matrix, render, results
+
+    if args.report_command == "diff":
+        changes = diff.compare(results.load(args.old), results.load(args.new))
+        sys.stdout.write(diff.markdown(changes) if args.md else diff.text(changes))
+        return ExitCode.FAILED if changes.regressions else ExitCode.OK
+    paths = [args.results] if args.report_command == "render" else args.results
+    documents = results.load_many(paths)
+    md_path, html_path = render.write(matrix.build(documents), args.out)
+    print(f"wrote {md_path} and {html_path}")
+    return ExitCode.OK
+
+
 def _raise_on_sigterm(signum: int, frame: object) -> None:
     """Turn SIGTERM into an exception so every ``with`` block (QEMU, temp dirs) cleans up before exit."""
     raise SystemExit(128 + signum)
@@ -251,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         args = make_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
-        handlers = {"doctor": cmd_doctor, "caps": cmd_caps, "exec": cmd_exec, "run": cmd_run}
+        handlers = {"doctor": cmd_doctor, "caps": cmd_caps, "exec": cmd_exec, "run": cmd_run, "report": cmd_report}
         if args.command == "image":
             return cmd_image_build(args)
         return handlers[args.command](args)

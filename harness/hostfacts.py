@@ -270,6 +270,7 @@ def collect() -> dict[str, Any]:
         "accel": choice.accel,
         "accel_reason": choice.reason,
         "vpmu_mode": vpmu_mode(choice.accel, kvm),
+        "hostname": platform.node(),
         "kernel": platform.release(),
         "cpu": cpu,
         "kvm": kvm,

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from harness import hostfacts, results
+from harness import hostfacts, matrix, render, results
 from harness.cpu_model import CpuModel
 from harness.errors import GuestError, HarnessError, UsageError
 from harness.expectations import Context, first_unmet
@@ -258,7 +258,11 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     )
     path = config.getoption("vpmu_results")
     if path:
-        terminalreporter.write_line(f"results: {path}")
+        terminalreporter.section("vpmu matrix")
+        for line in render.compact(matrix.build([results.load(Path(path))])):
+            terminalreporter.write_line(line)
+        out = Path(path).parent
+        terminalreporter.write_line(f"reports: {path} {out / 'matrix.md'} {out / 'matrix.html'}")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -279,7 +283,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             "guest": run.summary() if run else {"boot_error": state.boot_failures.get(name)},
             "checks": [c.to_json() for c in state.checks.get(name, [])],
         })  # fmt: skip
-    results.write(Path(path), results.build(_host_facts(config), runs))
+    document = results.build(_host_facts(config), runs)
+    results.write(Path(path), document)
+    render.write(matrix.build([document]), Path(path).parent)
 
 
 # --- fixtures ---------------------------------------------------------------------------------------------

@@ -54,6 +54,21 @@ def write(path: Path, document: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def load_many(paths: list[Path]) -> list[dict[str, Any]]:
+    """Load several results files; differing schema versions are one clear error naming both files."""
+    schemas: dict[str, Path] = {}
+    for path in paths:
+        try:
+            schema = json.loads(Path(path).read_text()).get("schema")
+        except (OSError, ValueError, AttributeError):
+            continue  # load() below reports it precisely
+        schemas.setdefault(str(schema), path)
+    if len(schemas) > 1:
+        (a, path_a), (b, path_b) = list(schemas.items())[:2]
+        raise UsageError(f"cannot merge: schema versions conflict ({path_a}: {a!r}, {path_b}: {b!r})")
+    return [load(path) for path in paths]
+
+
 def load(path: Path) -> dict[str, Any]:
     """Read and validate a results file.
 

@@ -11,6 +11,7 @@ import pytest
 
 from harness.machine import TMPDIR_PREFIX
 from harness.paths import cache_root
+from tests.helpers import run_cli
 
 
 def qemu_pids() -> set[int]:
@@ -48,3 +49,11 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
         time.sleep(0.05)
     assert not qemu_pids() - before_pids, "QEMU processes outlived the test"
     assert not leftovers() - before_dirs, "harness temp dirs outlived the test"
+
+
+@pytest.fixture(scope="session")
+def suite_run(tmp_path_factory, guest_image):
+    """One real `python -m harness run` of the shipped profiles, shared by the tests that read its reports."""
+    out = tmp_path_factory.mktemp("run")
+    proc = run_cli("run", "--image", str(guest_image.directory), "--out", str(out), timeout_s=600)
+    return proc, out

@@ -22,13 +22,6 @@ from tests.helpers import assert_one_line_error, run_cli
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def suite_run(tmp_path_factory, guest_image):
-    out = tmp_path_factory.mktemp("run")
-    proc = run_cli("run", "--image", str(guest_image.directory), "--out", str(out), timeout_s=600)
-    return proc, out
-
-
 def test_run_exits_zero_and_writes_reports(suite_run, host_facts):
     proc, out = suite_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

@@ -1,0 +1,113 @@
+"""Render a feature matrix as Markdown (fits a CI job summary) and as one self-contained HTML file.
+
+The HTML uses no scripts and no external assets: reasons are in each cell's title (hover) and in a
+``<details>`` element (expand), so it reads the same in a browser, a mail client or an artifact viewer.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from harness.matrix import SYMBOLS, Matrix
+
+TEMPLATES = Path(__file__).parent / "templates"
+MD_REASON_MAX = 300
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True, undefined=jinja2.ChainableUndefined
+    )
+
+
+def _guest_kernels(matrix: Matrix, label: str) -> list[str]:
+    kernels = {run.get("guest", {}).get("kernel_release") for column, run in matrix.runs if column.host == label}
+    return sorted(k for k in kernels if k)
+
+
+def html(matrix: Matrix) -> str:
+    columns = [c.label(matrix.multi_host) for c in matrix.columns]
+    groups = []
+    for feature, rows in matrix.features():
+        groups.append((feature, [
+            {"id": matrix.rows[r][1], "cells": [matrix.cell(r, c) for c in range(len(columns))]} for r in rows
+        ]))  # fmt: skip
+    hosts = [{**h, "guest_kernels": _guest_kernels(matrix, h["label"])} for h in matrix.hosts]
+    tables: list[dict[str, Any]] = []
+    for column, run in matrix.runs:
+        guest = run.get("guest") or {}
+        note = guest.get("unavailable") or (guest.get("boot_error") or "").split("\n")[0] or ""
+        tables.append({"column": column.label(matrix.multi_host), "cpu": guest.get("cpu", "?"),
+                       "boot_s": run.get("boot_s"), "features": sorted((guest.get("features") or {}).items()),
+                       "note": note})  # fmt: skip
+    counts = matrix.counts()
+    return _environment().get_template("matrix.html.j2").render(
+        total=sum(counts.values()), counts=counts, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        hosts=hosts, columns=columns, groups=groups, feature_tables=tables,
+    )  # fmt: skip
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(matrix: Matrix) -> str:
+    counts = matrix.counts()
+    lines = ["# vpmu feature matrix", ""]
+    for host in matrix.hosts:
+        kvm = host.get("kvm", {})
+        lines.append(f"- **{host['label']}**: {host.get('cpu', {}).get('model_name') or '?'}, kernel "
+                     f"{host.get('kernel')}, accel {host.get('accel')}, vPMU mode {host.get('vpmu_mode') or 'none'}, "
+                     f"kvm.enable_pmu={kvm.get('enable_pmu')}, QEMU {host.get('qemu', {}).get('version')}, "
+                     f"guest kernel {', '.join(_guest_kernels(matrix, host['label'])) or '?'}")  # fmt: skip
+    lines += ["", f"**{sum(counts.values())} checks: {counts['pass']} passed, {counts['fail']} failed, "
+              f"{counts['skip']} skipped, {counts['error']} errors**", ""]  # fmt: skip
+    labels = [c.label(matrix.multi_host) for c in matrix.columns]
+    lines.append("| check | " + " | ".join(_md_escape(label) for label in labels) + " |")
+    lines.append("|---|" + "---|" * len(labels))
+    problems: list[str] = []
+    for feature, rows in matrix.features():
+        lines.append(f"| **{_md_escape(feature)}** |" + " |" * len(labels))
+        for r in rows:
+            check_id = matrix.rows[r][1]
+            cells = []
+            for c, label in enumerate(labels):
+                cell = matrix.cell(r, c)
+                if cell is None:
+                    cells.append("-")
+                    continue
+                cells.append(SYMBOLS[cell.status] + (f" {cell.key}" if cell.key else ""))
+                if cell.status in ("fail", "error"):
+                    reason = cell.reason.split("\n")[0][:MD_REASON_MAX]
+                    problems.append(f"- **{SYMBOLS[cell.status]}** `{check_id}` on {label}: {_md_escape(reason)}")
+            lines.append(f"| `{check_id}` | " + " | ".join(cells) + " |")
+    if problems:
+        lines += ["", "## Failures and errors", "", *problems]
+    return "\n".join(lines) + "\n"
+
+
+def write(matrix: Matrix, out: Path) -> tuple[Path, Path]:
+    """Write ``matrix.md`` and ``matrix.html`` into ``out``; return their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    md_path, html_path = out / "matrix.md", out / "matrix.html"
+    md_path.write_text(markdown(matrix))
+    html_path.write_text(html(matrix))
+    return md_path, html_path
+
+
+def compact(matrix: Matrix) -> list[str]:
+    """A terminal-width matrix: one letter per cell (P, F, S, E, -), columns numbered, legend below."""
+    letters = {"pass": "P", "fail": "F", "skip": "S", "error": "E"}
+    width = max((len(check) for _feature, check in matrix.rows), default=5)
+    header = " " * width + "  " + " ".join(f"{i + 1:>2}" for i in range(len(matrix.columns)))
+    lines = [header]
+    for r, (_feature, check) in enumerate(matrix.rows):
+        cells = [letters[cell.status] if (cell := matrix.cell(r, c)) else "-" for c in range(len(matrix.columns))]
+        lines.append(f"{check:<{width}}  " + " ".join(f"{x:>2}" for x in cells))
+    for i, column in enumerate(matrix.columns):
+        lines.append(f"{i + 1:>2} = {column.label(matrix.multi_host)} ({column.accel})")
+    return lines
