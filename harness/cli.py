@@ -20,6 +20,7 @@ from harness import hostfacts
 from harness.cpuid_dump import load_cpuid_dump
 from harness.errors import ExitCode, GuestCommandError, HarnessError, UsageError
 from harness.image import build_image, find_or_build_image
+from harness.loads import DEFAULT_LOADS_FILE, load_loads, select_loads
 from harness.profiles import ACCELS, DEFAULT_PROFILES_FILE, load_profiles, select_profile
 
 DEFAULT_EXEC_TIMEOUT_S = 600.0
@@ -99,6 +100,10 @@ def make_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--profile", action="append", default=[], metavar="NAME", help="profile (repeatable)")
     run.add_argument("--profiles-file", type=Path, default=DEFAULT_PROFILES_FILE, metavar="FILE")
+    run.add_argument("--load", action="append", default=[], metavar="NAME",
+                     help="host perf load (repeatable; default: idle only)")  # fmt: skip
+    run.add_argument("--all-loads", action="store_true", help="run under every load in the loads file")
+    run.add_argument("--loads-file", type=Path, default=DEFAULT_LOADS_FILE, metavar="FILE")
     run.add_argument("--out", type=Path, default=Path("out"), metavar="DIR", help="report directory (default: out)")
     run.add_argument("--image", type=Path, metavar="DIR", help="guest image directory (default: build/use cache)")
     run.add_argument("--kernel", type=Path, metavar="PATH", help="build the guest image from this bzImage")
@@ -232,6 +237,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     profiles = load_profiles(args.profiles_file)
     for name in args.profile:
         select_profile(profiles, name, args.profiles_file)
+    select_loads(load_loads(args.loads_file), args.load, args.all_loads, args.loads_file)
     if args.image is not None and args.kernel is not None:
         raise UsageError("run: give --image or --kernel, not both")
     extra = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
@@ -242,6 +248,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             "--vpmu-log-dir", str(out / "logs")]  # fmt: skip
     for name in args.profile:
         argv += ["--profile", name]
+    argv += ["--loads-file", str(args.loads_file)] + [f"--load={name}" for name in args.load]
+    if args.all_loads:
+        argv.append("--all-loads")
     for option, value in (("--image", args.image), ("--kernel", args.kernel), ("--accel", args.accel)):
         if value is not None:
             argv += [option, str(value)]

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from qemu.qmp import QMPError
 
 from harness.cpu_model import CpuModel
 from harness.errors import GuestError, HarnessError
@@ -67,6 +70,9 @@ class ProfileRun:
     filtered_features: list[dict[str, Any]] = field(default_factory=list)
     view: GuestView | None = None
     probe_timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    pinning: dict[str, Any] = field(default_factory=dict)
+    #: The host load the checks currently run under; probe runs are memoized per load.
+    load: str = "idle"
     _guest: Guest | None = None
     _stack: contextlib.ExitStack | None = None
     _runner: ProbeRunner | None = None
@@ -125,6 +131,7 @@ class ProfileRun:
         self.boot_s = time.monotonic() - start
         self._runner = ProbeRunner(guest.ssh)
         self._probes.clear()
+        self.pinning = pin_vcpus(guest.machine)
         self._look()
 
     def _read_granted(self, machine: QemuMachine) -> None:
@@ -180,7 +187,7 @@ class ProfileRun:
         :raises ProbeError: the probe failed (the same error is raised to every check that asks again).
         :raises GuestError: the guest died and could not be brought back.
         """
-        key = key or name
+        key = f"{self.load}/{key or name}"
         cached = self._probes.get(key)
         if cached is None:
             self._ensure_alive()
@@ -199,6 +206,21 @@ class ProfileRun:
             raise cached
         return cached
 
+    def cached_probe(self, load: str, name: str) -> ProbeRun | None:
+        """A probe run made earlier under another load (e.g. the idle baseline), if there was a good one."""
+        cached = self._probes.get(f"{load}/{name}")
+        return cached if isinstance(cached, ProbeRun) else None
+
+    def vcpu_threads(self) -> tuple[list[int], list[int]]:
+        """Host thread ids of the vCPUs and the host CPUs they are pinned to (for the host loads)."""
+        tids = [int(v["thread"]) for v in self.pinning.get("vcpus", [])]
+        cpus = [int(v["cpu"]) for v in self.pinning.get("vcpus", []) if v.get("cpu") is not None]
+        return tids, cpus
+
+    def vm_exits(self) -> int | None:
+        """Total VM exits of all vCPUs from QMP ``query-stats`` (KVM provider); None where there is none (TCG)."""
+        return vm_exits(self.guest.machine)
+
     def summary(self) -> dict[str, Any]:
         """The ``guest`` object of this run in results.json."""
         return {
@@ -211,4 +233,42 @@ class ProfileRun:
             "filtered_features": self.filtered_features,
             "view": self.view.summary() if self.view else None,
             "probe_timings": self.probe_timings,
+            "pinning": self.pinning,
         }
+
+
+def pin_vcpus(machine: QemuMachine) -> dict[str, Any]:
+    """Pin vCPU i's host thread (QMP ``query-cpus-fast`` thread-id) to host CPU i, so per-CPU host loads hit it.
+
+    Failure is recorded, not raised: pinning changes PMU counts, so the results must say whether it happened.
+    """
+    allowed = sorted(os.sched_getaffinity(0))
+    vcpus = []
+    try:
+        cpus = machine.qmp("query-cpus-fast")
+    except (QMPError, HarnessError) as exc:
+        return {"error": f"query-cpus-fast: {exc}", "vcpus": []}
+    for i, cpu in enumerate(cpus):
+        host_cpu = allowed[i % len(allowed)]
+        entry: dict[str, Any] = {"vcpu": cpu["cpu-index"], "thread": cpu["thread-id"], "cpu": host_cpu}
+        try:
+            os.sched_setaffinity(cpu["thread-id"], {host_cpu})
+        except OSError as exc:
+            entry["cpu"] = None
+            entry["error"] = f"sched_setaffinity: {exc.strerror}"
+        vcpus.append(entry)
+    return {"vcpus": vcpus}
+
+
+def vm_exits(machine: QemuMachine) -> int | None:
+    """Sum of the KVM ``exits`` statistic over all vCPUs (QMP query-stats, QEMU 7.1+); None without KVM stats."""
+    try:
+        stats = machine.qmp("query-stats", target="vcpu", providers=[{"provider": "kvm", "names": ["exits"]}])
+    except (QMPError, HarnessError):
+        return None
+    total = None
+    for entry in stats or []:
+        for stat in entry.get("stats", []):
+            if stat.get("name") == "exits" and isinstance(stat.get("value"), int):
+                total = (total or 0) + stat["value"]
+    return total

@@ -21,6 +21,7 @@ from harness.cpu_model import CpuModel
 from harness.errors import GuestError, HarnessError, UsageError
 from harness.expectations import Context, first_unmet
 from harness.image import Image, build_image, find_or_build_image
+from harness.loads import DEFAULT_LOADS_FILE, IDLE, HostLoad, LoadSpec, load_loads, select_loads
 from harness.probes import ProbeError
 from harness.profile_run import ProfileRun
 from harness.profiles import ACCELS, DEFAULT_PROFILES_FILE, Profile, load_profiles, select_profile
@@ -33,8 +34,13 @@ ACCEL_HELP = "accelerator: kvm or tcg (default: what `python -m harness doctor` 
 PROFILE_HELP = "vPMU profile to run (repeatable; default: every profile that applies to this host)"
 PROFILES_FILE_HELP = "profiles file (default: guest_tests/profiles.toml)"
 RESULTS_HELP = "write results.json here"
-LOG_DIR_HELP = "keep each profile's serial.log and qemu.log under DIR/<profile>/"
-LOAD = "idle"  # host loads arrive with the co-existence issue; every run is the idle baseline for now
+LOG_DIR_HELP = "keep each profile's serial.log, qemu.log and host-load output under DIR/<profile>/"
+LOAD_HELP = "host perf load to run the checks under (repeatable; default: idle only)"
+ALL_LOADS_HELP = "run the checks under every load in the loads file"
+LOADS_FILE_HELP = "host loads file (default: guest_tests/loads.toml)"
+
+#: The co-existence check that judges the host load itself; it runs even when the load could not start.
+HOST_LOAD_CHECK = "coexist.host_load"
 
 HOST_FACTS_KEY = pytest.StashKey[dict[str, Any]]()
 STATE_KEY = pytest.StashKey["SessionState"]()
@@ -46,6 +52,7 @@ class CheckRecord:
     """What a check reported (set by ``check.judge``), keyed to its item."""
 
     profile: str
+    load: str
     check_id: str
     feature: str
     verdict: Verdict | None = None
@@ -56,8 +63,11 @@ class CheckRecord:
 class SessionState:
     profiles: dict[str, Profile] = field(default_factory=dict)
     selected: list[str] = field(default_factory=list)
+    loads: dict[str, LoadSpec] = field(default_factory=dict)
+    selected_loads: list[str] = field(default_factory=list)
     runs: dict[str, ProfileRun] = field(default_factory=dict)
-    checks: dict[str, list[results.CheckResult]] = field(default_factory=dict)
+    checks: dict[tuple[str, str], list[results.CheckResult]] = field(default_factory=dict)
+    load_results: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     boot_failures: dict[str, str] = field(default_factory=dict)
     usage_error: str | None = None
 
@@ -71,6 +81,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=PROFILE_HELP)  # fmt: skip
     group.addoption("--profiles-file", dest="vpmu_profiles_file", type=Path, default=DEFAULT_PROFILES_FILE,
                     metavar="FILE", help=PROFILES_FILE_HELP)  # fmt: skip
+    group.addoption("--load", dest="vpmu_loads", action="append", default=[], metavar="NAME", help=LOAD_HELP)
+    group.addoption("--all-loads", dest="vpmu_all_loads", action="store_true", help=ALL_LOADS_HELP)
+    group.addoption("--loads-file", dest="vpmu_loads_file", type=Path, default=DEFAULT_LOADS_FILE, metavar="FILE",
+                    help=LOADS_FILE_HELP)  # fmt: skip
     group.addoption("--results", dest="vpmu_results", type=Path, metavar="FILE", help=RESULTS_HELP)
     group.addoption("--vpmu-log-dir", dest="vpmu_log_dir", type=Path, metavar="DIR", help=LOG_DIR_HELP)
 
@@ -130,6 +144,19 @@ def _selected_profiles(config: pytest.Config) -> list[str]:
     return names
 
 
+def _selected_loads(config: pytest.Config) -> list[str]:
+    state = config.stash[STATE_KEY]
+    if not state.selected_loads:
+        path = config.getoption("vpmu_loads_file")
+        try:
+            state.loads = load_loads(path)
+            state.selected_loads = select_loads(state.loads, config.getoption("vpmu_loads"),
+                                                config.getoption("vpmu_all_loads"), path)  # fmt: skip
+        except UsageError as exc:
+            raise pytest.UsageError(str(exc)) from None
+    return state.selected_loads
+
+
 def _reject_property_typos(config: pytest.Config, profiles: list[Profile], path: Path) -> None:
     """A -cpu property that neither this QEMU nor any QEMU we know has is a typo: a usage error, before any boot."""
     accel = _accel(config)
@@ -163,18 +190,35 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Every check runs once per selected profile; the profile is a session-scoped parameter, so pytest
     groups the checks of one profile together and boots its guest once."""
-    if "vpmu_profile" in metafunc.fixturenames:
-        state = metafunc.config.stash[STATE_KEY]
+    state = metafunc.config.stash[STATE_KEY]
+    for argname, select in (("vpmu_profile", _selected_profiles), ("vpmu_load", _selected_loads)):
+        if argname not in metafunc.fixturenames:
+            continue
         try:
-            names = _selected_profiles(metafunc.config)
+            names = select(metafunc.config)
         except pytest.UsageError as exc:
             # Raised here it would become a collection error per module; re-raised once, after collection, it is
             # pytest's one-line "ERROR: ..." and exit 4 (harness run maps that to 2).
-            state.usage_error = str(exc)
+            state.usage_error = state.usage_error or str(exc)
             names = []
         # indirect: one real session fixture shared by every module, so pytest groups all checks of a profile
         # (a direct session-scoped parametrization makes a pseudo-fixture per module and reboots per module).
-        metafunc.parametrize("vpmu_profile", names, scope="session", indirect=True)
+        metafunc.parametrize(argname, names, scope="session", indirect=True)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Profile-major, then load: each guest boots once and each host load starts once per profile."""
+    state = config.stash[STATE_KEY]
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        profile, load = params.get("vpmu_profile"), params.get("vpmu_load")
+        p = state.selected.index(profile) if profile in state.selected else -1
+        q = state.selected_loads.index(load) if load in state.selected_loads else -1
+        return p, q
+
+    items.sort(key=rank)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -183,16 +227,17 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         raise pytest.UsageError(error)
 
 
-def _check_identity(item: pytest.Item) -> tuple[str, str, str]:
-    """(profile, check id, feature) of an item, from its parameters and its check/feature markers."""
+def _check_identity(item: pytest.Item) -> tuple[str, str, str, str]:
+    """(profile, load, check id, feature) of an item, from its parameters and its check/feature markers."""
     params: dict[str, Any] = dict(getattr(item, "callspec", None).params) if hasattr(item, "callspec") else {}
     profile = str(params.pop("vpmu_profile", "-"))
+    load = str(params.pop("vpmu_load", IDLE))
     marker = item.get_closest_marker("check")
     template = marker.args[0] if marker else getattr(item, "originalname", item.name).removeprefix("test_")
     check_id = template.format(**params)
     feature_marker = item.get_closest_marker("feature")
     feature = feature_marker.args[0] if feature_marker else "other"
-    return profile, check_id, feature
+    return profile, load, check_id, feature
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -202,7 +247,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if "vpmu_profile" not in getattr(item, "fixturenames", ()):
         return
     state = item.config.stash[STATE_KEY]
-    profile, check_id, feature = _check_identity(item)
+    profile, load, check_id, feature = _check_identity(item)
     record = item.stash.get(CHECK_KEY, None)
     result: results.CheckResult | None = None
     if report.when == "setup" and report.skipped:
@@ -225,7 +270,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         else:
             result = results.CheckResult(check_id, feature, "error", "check recorded no verdict")
     if result is not None:
-        state.checks.setdefault(profile, []).append(result)
+        state.checks.setdefault((profile, load), []).append(result)
 
 
 def _exception_text(excinfo: pytest.ExceptionInfo[BaseException] | None) -> str:
@@ -246,11 +291,11 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         return
     counts = dict.fromkeys(results.STATUSES, 0)
     terminalreporter.section("vpmu checks")
-    for profile, checks in state.checks.items():
+    for (profile, load), checks in state.checks.items():
         for c in checks:
             counts[c.status] += 1
             reason = c.reason.splitlines()[0] if c.reason else ""
-            terminalreporter.write_line(f"{c.status.upper():5} {profile}/{LOAD}  {c.id}  {reason}"[:200])
+            terminalreporter.write_line(f"{c.status.upper():5} {profile}/{load}  {c.id}  {reason}"[:200])
     total = sum(counts.values())
     terminalreporter.write_line(
         f"SUMMARY: {total} checks, {counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped, "
@@ -273,16 +318,20 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = config.stash[STATE_KEY]
     accel = config.getoption("vpmu_accel") or _host_facts(config)["accel"]
     runs = []
-    for name in state.selected or list(state.checks):
+    for name in state.selected:
         run = state.runs.get(name)
-        runs.append({
-            "profile": name,
-            "load": LOAD,
-            "accel": accel,
-            "boot_s": round(run.boot_s, 3) if run and run.boot_s is not None else None,
-            "guest": run.summary() if run else {"boot_error": state.boot_failures.get(name)},
-            "checks": [c.to_json() for c in state.checks.get(name, [])],
-        })  # fmt: skip
+        for load in state.selected_loads or [IDLE]:
+            if (name, load) not in state.checks:
+                continue
+            runs.append({
+                "profile": name,
+                "load": load,
+                "accel": accel,
+                "boot_s": round(run.boot_s, 3) if run and run.boot_s is not None else None,
+                "guest": run.summary() if run else {"boot_error": state.boot_failures.get(name)},
+                "host_load": state.load_results.get((name, load)),
+                "checks": [c.to_json() for c in state.checks[(name, load)]],
+            })  # fmt: skip
     document = results.build(_host_facts(config), runs)
     results.write(Path(path), document)
     render.write(matrix.build([document]), Path(path).parent)
@@ -369,14 +418,55 @@ def profile_run(
         run.close()
 
 
+@pytest.fixture(scope="session")
+def vpmu_load(request: pytest.FixtureRequest) -> str:
+    """The host load this check runs under (parametrized by pytest_generate_tests)."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def host_load(
+    pytestconfig: pytest.Config, vpmu_load: str, profile_run: ProfileRun, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[HostLoad | None]:
+    """The host perf load, running for the whole check group of (profile, load); stopped and recorded after."""
+    state = pytestconfig.stash[STATE_KEY]
+    profile_run.load = vpmu_load
+    if profile_run.unavailable or profile_run._guest is None:
+        yield None
+        return
+    log_root = pytestconfig.getoption("vpmu_log_dir")
+    log_dir = (log_root / profile_run.profile.name / "loads") if log_root else tmp_path_factory.mktemp("loads")
+    tids, cpus = profile_run.vcpu_threads()
+    exits_before = profile_run.vm_exits()
+    start = time.monotonic()
+    load = HostLoad(state.loads[vpmu_load], log_dir, tids, cpus)
+    load.exits_before = exits_before
+    load.start()
+    try:
+        yield load
+    finally:
+        load.stop()
+        seconds = time.monotonic() - start
+        exits = profile_run.vm_exits() if profile_run._guest is not None else None
+        delta = exits - exits_before if exits is not None and exits_before is not None else None
+        state.load_results[(profile_run.profile.name, vpmu_load)] = {
+            **load.result.to_json(), "group_s": round(seconds, 3), "vm_exits": delta,
+            "vm_exits_per_s": round(delta / seconds, 1) if delta is not None and seconds > 0 else None,
+        }  # fmt: skip
+
+
 @pytest.fixture
-def check(request: pytest.FixtureRequest, profile_run: ProfileRun) -> CheckRecorder:
+def check(request: pytest.FixtureRequest, profile_run: ProfileRun, host_load: HostLoad | None) -> CheckRecorder:
     """The recorder a check reports its verdict to; SKIPs at once when the profile cannot run here."""
-    profile, check_id, feature = _check_identity(request.node)
-    record = CheckRecord(profile, check_id, feature)
+    profile, load, check_id, feature = _check_identity(request.node)
+    record = CheckRecord(profile, load, check_id, feature)
     request.node.stash[CHECK_KEY] = record
     if profile_run.unavailable:
         pytest.skip(profile_run.unavailable)
+    if host_load is not None and host_load.result.status in ("unavailable", "refused") and check_id != HOST_LOAD_CHECK:
+        # The scenario cannot run here: its checks SKIP with perf's own words (the load check itself still
+        # judges the refusal, which the mediated vPMU requires for include-guest events).
+        pytest.skip(f"host-load: {host_load.result.reason}")
     view = profile_run.view
     if view is not None:
         if request.node.get_closest_marker("intel") and not view.intel:

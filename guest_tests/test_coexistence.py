@@ -1,0 +1,55 @@
+"""Co-existence: every check group runs while a host perf load runs; these checks measure what the load did.
+
+The load is started by the harness before the group's first check and stopped after its last (host_load
+fixture); the checks here judge the load itself, the exact-count canary against the idle run, and guest-visible
+multiplexing. The architectural checks of the same group run under the same load with unchanged tolerances.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import coexist
+from harness.probe_params import counters_params
+from harness.profile_run import ProfileRun
+from harness.verdicts import ERRATA_OVERCOUNT_MODELS
+
+pytestmark = pytest.mark.feature("coexistence")
+
+
+def counters(run: ProfileRun) -> list[dict]:
+    return run.probe("counters", counters_params(run.view)).records
+
+
+@pytest.mark.check("coexist.host_load")
+def test_host_load(profile_run, host_load, check, host_facts):
+    """The host load runs as written (or, under the mediated vPMU, an include-guest load is refused)."""
+    # host_load is None only for a profile that cannot run here, and `check` has skipped that already.
+    verdict = coexist.host_load(host_load.spec, host_load.result, host_facts["vpmu_mode"], host_load.snapshot())
+    check.judge(verdict, [host_load.result.to_json()])
+
+
+@pytest.mark.requires_pmu
+@pytest.mark.check("coexist.canary")
+def test_exact_count_canary(profile_run, host_load, check):
+    """The loop's exact user-mode instruction count holds on every counter under this load (and equals idle)."""
+    records = counters(profile_run)
+    idle = profile_run.cached_probe("idle", "counters")
+    exits_now = profile_run.vm_exits()
+    before = host_load.exits_before if host_load else None
+    vm_exits = {"total": exits_now, "during_group": exits_now - before if None not in (exits_now, before) else None}
+    caps = profile_run.view.caps
+    errata = caps.vendor == "GenuineIntel" and caps.family == 6 and caps.model in ERRATA_OVERCOUNT_MODELS
+    verdict = coexist.canary(profile_run.pmu_expectation(), profile_run.view, records,
+                             idle.records if idle else None, host_load.result if host_load else None, vm_exits,
+                             errata)  # fmt: skip
+    check.judge(verdict, [r for r in records if r.get("event") == "instructions"])
+
+
+@pytest.mark.requires_pmu
+@pytest.mark.check("coexist.guest_multiplexing")
+def test_no_guest_visible_multiplexing(profile_run, host_load, check):
+    """With no more guest events than counters, the guest never sees time_running < time_enabled."""
+    records = counters(profile_run)
+    check.judge(coexist.guest_multiplexing(profile_run.pmu_expectation(), profile_run.view, records),
+                [r for r in records if r.get("kind") == "count"])  # fmt: skip
