@@ -37,7 +37,10 @@ def test_exact_count_canary(profile_run, host_load, check):
     idle = profile_run.cached_probe("idle", "counters")
     exits_now = profile_run.vm_exits()
     before = host_load.exits_before if host_load else None
-    vm_exits = {"total": exits_now, "during_group": exits_now - before if None not in (exits_now, before) else None}
+    during = exits_now - before if exits_now is not None and before is not None else None
+    elapsed = host_load.elapsed_s() if host_load else 0.0
+    vm_exits = {"total": exits_now, "during_group": during,
+                "per_s": round(during / elapsed, 1) if during is not None and elapsed > 0 else None}  # fmt: skip
     caps = profile_run.view.caps
     errata = caps.vendor == "GenuineIntel" and caps.family == 6 and caps.model in ERRATA_OVERCOUNT_MODELS
     verdict = coexist.canary(profile_run.pmu_expectation(), profile_run.view, records,

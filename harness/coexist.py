@@ -14,7 +14,7 @@ from typing import Any
 from harness.expectations import Expectation
 from harness.guest_view import GuestView
 from harness.loads import LoadResult, LoadSpec
-from harness.verdicts import Record, Verdict, event_bounds, failed, gate, passed, skipped
+from harness.verdicts import Record, Verdict, errored, event_bounds, failed, gate, passed, skipped
 
 
 def host_load(spec: LoadSpec, result: LoadResult | None, vpmu_mode: str | None, snapshot: dict[str, Any]) -> Verdict:
@@ -33,6 +33,8 @@ def host_load(spec: LoadSpec, result: LoadResult | None, vpmu_mode: str | None, 
                           "(EOPNOTSUPP), but perf started", "refused", observed)  # fmt: skip
     if result.status == "unavailable":
         return skipped(f"host-load: {result.reason}")
+    if result.status == "died":
+        return errored(f"host-load: {result.reason}")
     if result.status == "refused":
         return failed(f"host perf refused the load ({result.reason}) although the vPMU is "
                       f"{vpmu_mode or 'not in use'}", "running", observed)  # fmt: skip
@@ -68,12 +70,16 @@ def canary(
     n = int(members[0]["iterations"])
     bounds = event_bounds("instructions", n, view.amd, errata, 0)
     idle = {m["rdpmc_index"]: m["value_n"] - m["value_0"] for m in _instruction_members(idle_records or [])}
-    observed: dict[str, Any] = {"vm_exits": vm_exits}
+    observed: dict[str, Any] = {"vm_exits": vm_exits, "counts": {}}
     problems = []
+    worst = 0.0
     for m in members:
         delta = m["value_n"] - m["value_0"]
         label = f"{m['rdpmc_index']:#x}"
-        observed[label] = delta
+        observed["counts"][label] = delta
+        if bounds.low:
+            error = (delta - bounds.low) / bounds.low * 100
+            worst = error if abs(error) > abs(worst) else worst
         silent = m["running_n"] == m["enabled_n"]
         problem = bounds.check(delta)
         if problem:
@@ -82,6 +88,7 @@ def canary(
             problems.append(f"counter {label}: {problem}; {lost:+,} counts lost {how}")
         elif m["rdpmc_index"] in idle and idle[m["rdpmc_index"]] != delta and bounds.low == bounds.high:
             problems.append(f"counter {label}: {delta:,} differs from the idle run's {idle[m['rdpmc_index']]:,}")
+    observed["count_error_pct"] = round(worst, 4)
     expected = f"exactly {bounds.low:,} on every counter" if bounds.low == bounds.high else f">= {bounds.low:,}"
     if problems:
         return failed("host-induced loss: " + "; ".join(problems), expected, observed)

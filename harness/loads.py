@@ -33,6 +33,8 @@ LOAD_KEYS: dict[str, tuple[type, bool, str]] = {
 }
 PLACEHOLDERS = ("vcpu_tids", "vcpu_cpus", "output")
 READY_TIMEOUT_S = 10.0
+#: A load without interval output counts as started once it survives this long (a bad option exits at once).
+READY_GRACE_S = 0.3
 STOP_TIMEOUT_S = 10.0
 PRECHECK_TIMEOUT_S = 20.0
 EOPNOTSUPP_TEXT = "Operation not supported"
@@ -120,7 +122,7 @@ class LoadResult:
     """What a load did: for results.json and the co-existence checks."""
 
     name: str
-    status: str = "idle"  # idle | running | unavailable | refused | stopped
+    status: str = "idle"  # idle | running | unavailable | refused | stopped | died
     reason: str = ""
     command: list[str] = field(default_factory=list)
     counts_guest: bool = False
@@ -168,6 +170,11 @@ class HostLoad:
         self._out_path = self.log_dir / f"{spec.name}.out"
         #: The guest's total VM exits when the load started (set by whoever has QMP), for rates.
         self.exits_before: int | None = None
+        self._created = time.monotonic()
+
+    def elapsed_s(self) -> float:
+        """Seconds since this check group's load was set up."""
+        return time.monotonic() - self._created
 
     def argv(self) -> list[str]:
         out = []
@@ -226,7 +233,9 @@ class HostLoad:
                 self._unavailable(f"perf: {error_message(text) or f'exited with code {self._proc.returncode}'}",
                                   begin)  # fmt: skip
                 return
-            if not interval or parse_stat_csv(self._out_path.read_text(errors="replace")):
+            started = (time.monotonic() - begin >= READY_GRACE_S) if not interval else \
+                bool(parse_stat_csv(self._out_path.read_text(errors="replace")))  # fmt: skip
+            if started:
                 self.result.status = "running"
                 return
             time.sleep(0.05)
@@ -236,13 +245,19 @@ class HostLoad:
         """The load's per-event summary so far (it keeps running), e.g. its multiplexing while a check runs."""
         if self._proc is None or not self._out_path.exists():
             return {}
-        return summarize(parse_stat_csv(self._out_path.read_text(errors="replace")))
+        text = self._out_path.read_text(errors="replace")
+        if self._proc.poll() is not None and self.result.status == "running":
+            self.result.status = "died"
+            self.result.reason = (f"perf exited during the check group (code {self._proc.returncode}): "
+                                  f"{error_message(text) or text.strip()[-200:]}")  # fmt: skip
+        return summarize(parse_stat_csv(text))
 
     def stop(self) -> LoadResult:
         """SIGINT the process group (perf prints its totals), SIGKILL after STOP_TIMEOUT_S; parse the output."""
         begin = time.monotonic()
         proc = self._proc
         if proc is not None:
+            self.snapshot()  # marks a load that died during the group
             if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGINT)

@@ -77,6 +77,9 @@ def key_number(check: dict[str, Any]) -> str:
         return f"{(obs - exp) / exp * 100:+.2f}%"
     if obs is not None:
         return f"{obs:,.0f}"
+    if isinstance(observed, dict) and isinstance(observed.get("count_error_pct"), (int, float)):
+        rate = (observed.get("vm_exits") or {}).get("per_s")
+        return f"{observed['count_error_pct']:+.2f}%" + (f", {rate:,.0f} exits/s" if rate is not None else "")
     if isinstance(observed, dict):
         values = [v for v in (_number(x) for x in observed.values()) if v is not None]
         if values and len(values) == len(observed):

@@ -14,17 +14,25 @@ from harness.paths import cache_root
 from tests.helpers import run_cli
 
 
-def qemu_pids() -> set[int]:
-    """PIDs of every QEMU process on the host (read from /proc, not from our own bookkeeping)."""
+def pids_named(prefix: str) -> set[int]:
+    """PIDs of every process whose command name starts with ``prefix`` (read from /proc, not our bookkeeping)."""
     pids = set()
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if (proc / "comm").read_text().startswith("qemu-system"):
+                if (proc / "comm").read_text().startswith(prefix):
                     pids.add(int(proc.name))
             except OSError:
                 continue
     return pids
+
+
+def qemu_pids() -> set[int]:
+    return pids_named("qemu-system")
+
+
+def perf_pids() -> set[int]:
+    return pids_named("perf")
 
 
 def leftovers() -> set[Path]:
@@ -38,16 +46,17 @@ def leftovers() -> set[Path]:
 
 @pytest.fixture(autouse=True)
 def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
-    """After every integration test: no new QEMU process and no new harness temp dir."""
+    """After every integration test: no new QEMU or perf process and no new harness temp dir."""
     if request.node.get_closest_marker("integration") is None:
         yield
         return
-    before_pids, before_dirs = qemu_pids(), leftovers()
+    before_pids, before_perf, before_dirs = qemu_pids(), perf_pids(), leftovers()
     yield
-    deadline = time.monotonic() + 5  # a killed QEMU may take a moment to be reaped by its parent
-    while qemu_pids() - before_pids and time.monotonic() < deadline:
+    deadline = time.monotonic() + 5  # a killed process may take a moment to be reaped by its parent
+    while (qemu_pids() - before_pids or perf_pids() - before_perf) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not qemu_pids() - before_pids, "QEMU processes outlived the test"
+    assert not perf_pids() - before_perf, "perf processes outlived the test"
     assert not leftovers() - before_dirs, "harness temp dirs outlived the test"
 
 

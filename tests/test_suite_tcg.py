@@ -108,3 +108,26 @@ def test_guest_that_panics_is_an_error_with_the_serial_tail_and_the_run_goes_on(
         assert run["checks"] and all(c["status"] == "error" for c in run["checks"])
         assert "Kernel panic" in run["checks"][0]["reason"]
         assert "serial log (tail)" in run["checks"][0]["reason"]
+
+
+def test_run_under_host_loads(tmp_path, guest_image, host_facts):
+    """A software-event load really runs alongside the guest; a hardware load that cannot run here makes its
+    whole scenario SKIP with perf's own words; the load's output and timings are kept."""
+    out = tmp_path / "out"
+    proc = run_cli("run", "--image", str(guest_image.directory), "--profile", "pmu-on", "--load", "host-sw-counting",
+                   "--load", "host-counting-guest", "--out", str(out), timeout_s=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    runs = {r["load"]: r for r in results.load(out / "results.json")["runs"]}
+    assert list(runs) == ["host-sw-counting", "host-counting-guest"]
+    sw = runs["host-sw-counting"]
+    checks = {c["id"]: c for c in sw["checks"]}
+    assert checks["coexist.host_load"]["status"] == "pass"
+    assert sw["host_load"]["status"] == "stopped" and sw["host_load"]["min_pct_running"] == 100.0
+    assert set(sw["host_load"]["events"]) == {"cpu-clock", "task-clock", "context-switches"}
+    assert (out / "logs" / "pmu-on" / "loads" / "host-sw-counting.out").read_text()
+    if host_facts["accel"] == "tcg":
+        assert checks["coexist.canary"]["status"] == "skip"
+        assert sw["host_load"]["vm_exits"] is None  # no KVM statistics under TCG
+    hw = runs["host-counting-guest"]
+    if hw["host_load"]["status"] == "unavailable":
+        assert all(c["status"] == "skip" and c["reason"].startswith("host-load: perf:") for c in hw["checks"])
