@@ -136,3 +136,13 @@ def test_interrupted_run_leaves_no_perf_behind(guest_image):
     time.sleep(0.2)
     assert not any(Path(f"/proc/{pid}").exists() for pid in seen_perf)
     assert not perf_children(proc.pid)
+
+
+def test_cli_bad_loads_file_and_unknown_load(tmp_path):
+    from tests.helpers import assert_one_line_error, run_cli
+
+    path = tmp_path / "loads.toml"
+    path.write_text('[x]\ndescription = "d"\ncommand = ["perf", "stat"]\ncount_guest = true\n')
+    assert_one_line_error(run_cli("run", "--loads-file", str(path), "--out", str(tmp_path)), str(path),
+                          "[x]", "unknown key 'count_guest'")  # fmt: skip
+    assert_one_line_error(run_cli("run", "--load", "nope", "--out", str(tmp_path)), "no load 'nope'")
