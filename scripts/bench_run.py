@@ -40,7 +40,7 @@ def main() -> int:
         for c in r["checks"]:
             statuses[c["status"]] = statuses.get(c["status"], 0) + 1
         print(f"{r['profile']:10} boot {r['boot_s']} s; checks {statuses}")
-        for probe, t in r["guest"]["probe_timings"].items():
+        for probe, t in r["guest"]["probe_timings"].items():  # keys: "<load>/<probe>"
             print(f"{'':10} probe {probe:9} copy {t['copy_s'] * 1000:6.0f} ms  run {t['run_s'] * 1000:6.0f} ms")
     return 0
 
