@@ -64,6 +64,8 @@ class GuestView:
     kernel_pmus: list[str]
     kernel_banner: str
     records: list[dict[str, Any]] = field(default_factory=list)
+    #: sysfs facts of the guest's perf PMUs, e.g. "cpu/caps/branches" -> "32", "ibs_op/type" -> "9".
+    sysfs: dict[str, str] = field(default_factory=dict)
 
     @property
     def intel(self) -> bool:
@@ -99,13 +101,16 @@ class GuestView:
             "perf_capabilities": self.perf_capabilities(),
             "kernel_pmus": self.kernel_pmus,
             "kernel_banner": self.kernel_banner,
+            "sysfs": self.sysfs,
             "msrs": {
                 f"{m.msr:#x}": (m.value if m.value is not None else f"errno {m.errno}") for m in self.msrs.values()
             },
         }
 
 
-def view_from(run: ProbeRun, kernel_pmus: list[str], kernel_banner: str) -> GuestView:
+def view_from(
+    run: ProbeRun, kernel_pmus: list[str], kernel_banner: str, sysfs: dict[str, str] | None = None
+) -> GuestView:
     """Decode the ``enum`` probe's records (CPUID leaves through the same parser as ``harness caps``)."""
     leaves = "\n".join(json.dumps(r) for r in run.of_kind("leaf"))
     caps = decode_caps(parse_cpuid_text(leaves, "guest enum probe"))
@@ -113,11 +118,25 @@ def view_from(run: ProbeRun, kernel_pmus: list[str], kernel_banner: str) -> Gues
         r["msr"]: MsrRead(r["msr"], r.get("value"), r.get("errno") if "error" in r else None)
         for r in run.of_kind("msr")
     }
-    return GuestView(caps, msrs, kernel_pmus, kernel_banner, run.records)
+    return GuestView(caps, msrs, kernel_pmus, kernel_banner, run.records, sysfs or {})
 
 
-def kernel_pmu_facts(session: GuestSession) -> tuple[list[str], str]:
-    """The guest kernel's registered perf PMUs and its "Performance Events:" boot line."""
+#: sysfs files of the guest's perf PMUs the checks read (relative to /sys/bus/event_source/devices).
+SYSFS_FILES = (
+    "cpu/type", "cpu/caps/branches", "cpu/caps/max_precise", "cpu/caps/pmu_name", "cpu/rdpmc",
+    "cpu/events/slots", "cpu/events/topdown-retiring", "cpu/events/topdown-bad-spec", "cpu/events/topdown-fe-bound",
+    "cpu/events/topdown-be-bound", "cpu/events/mem-loads", "ibs_op/type", "ibs_fetch/type",
+    "ibs_op/caps/zen4_ibs_extensions",
+)  # fmt: skip
+
+
+def kernel_pmu_facts(session: GuestSession) -> tuple[list[str], str, dict[str, str]]:
+    """The guest kernel's registered perf PMUs, its "Performance Events:" boot line and the PMU sysfs facts."""
     pmus = session.check("ls /sys/bus/event_source/devices").stdout.split()
     banner = session.run("dmesg | grep -m1 'Performance Events'").stdout.strip()
-    return sorted(pmus), banner.split("] ", 1)[-1]
+    files = " ".join(SYSFS_FILES)
+    out = session.run(
+        f'cd /sys/bus/event_source/devices && for f in {files}; do [ -r $f ] && echo "$f=$(cat $f)"; done'
+    )
+    sysfs = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    return sorted(pmus), banner.split("] ", 1)[-1], sysfs

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.caps import PmuCaps, decode_caps
+from harness.caps import PmuCaps, decode_caps, decode_perf_capabilities
 from harness.cpuid_dump import CpuidTable, Regs
 
 SYSFS_MODULES = Path("/sys/module")
@@ -112,6 +112,26 @@ def read_cpuid_instruction(cpu: int = 0) -> CpuidTable | None:
         return None
     finally:
         os.sched_setaffinity(0, saved)
+
+
+def read_host_perf_capabilities(caps: PmuCaps | None) -> dict[str, Any]:
+    """Host IA32_PERF_CAPABILITIES (MSR 0x345) through /dev/cpu/0/msr, decoded; the reason when unreadable.
+
+    The MSR exists only when CPUID.1:ECX.PDCM is set (SDM Vol. 4); reading it needs the msr module and root.
+    """
+    if caps is None or not caps.pdcm:
+        return {"value": None, "reason": "CPUID.1:ECX.PDCM clear or CPUID unreadable: no IA32_PERF_CAPABILITIES"}
+    try:
+        fd = os.open("/dev/cpu/0/msr", os.O_RDONLY)
+    except OSError as exc:
+        return {"value": None, "reason": f"/dev/cpu/0/msr: {exc.strerror} (load the msr module, run as root)"}
+    try:
+        raw = os.pread(fd, 8, 0x345)
+    except OSError as exc:
+        return {"value": None, "reason": f"rdmsr 0x345: {exc.strerror}"}
+    finally:
+        os.close(fd)
+    return {"value": decode_perf_capabilities(int.from_bytes(raw, "little")), "reason": None}
 
 
 def cpuinfo_flags(text: str | None = None) -> set[str]:
@@ -265,6 +285,7 @@ def collect() -> dict[str, Any]:
         "virt_flags": sorted(flags & {"vmx", "svm", "hypervisor"}),
         "cpuid_source": table.source if table else "none (no /dev/cpu/0/cpuid access, CPUID not executable)",
         "caps": caps.to_json() if caps else None,
+        "perf_capabilities": read_host_perf_capabilities(caps) if caps and caps.vendor == "GenuineIntel" else None,
     }
     return {
         "accel": choice.accel,

@@ -96,3 +96,40 @@ def msr_params(view: GuestView) -> dict[str, Any]:
         "perfmon_v2": amd.perfmon_v2,
         "iterations": ITERATIONS,
     }
+
+
+# --- feature probes (issue: topdown, LBR, PEBS, IBS) ----------------------------------------------------------
+#: Topdown encodings (tools/perf/Documentation/topdown.txt; the guest's cpu/events/topdown-*): slots is the fixed
+#: pseudo-event 0x0400, metric events are umask 0x80..0x83 of event 0.
+TOPDOWN_SLOTS = 0x0400
+TOPDOWN_METRICS = (("retiring", 0x8000), ("bad_spec", 0x8100), ("fe_bound", 0x8200), ("be_bound", 0x8300))
+CHASE_LINES = 1 << 20  # 64 MiB of cache lines: far beyond any LLC a guest sees
+#: MEM_INST_RETIRED.ALL_LOADS (Skylake and later server/client cores, incl. ICX/SPR/EMR/GNR, the PEBS-via-EPT
+#: hosts); MEM_TRANS_RETIRED.LOAD_LATENCY = perf's mem-loads (event 0xcd, umask 0x1) with ldlat in config1.
+PEBS_LOAD_EVENT = 0x81D0
+LDLAT_EVENT = 0x01CD
+LDLAT = 30
+PEBS_PERIOD = 10_007  # prime (reference §4c)
+IBS_PERIOD = 0x10000  # a multiple of 16 (arch/x86/events/amd/ibs.c rejects a low nibble)
+IBS_OP_CNT_CTL = 1 << 19  # ibs_op format "cnt_ctl" = config:19: count dispatched ops, not cycles
+
+
+def topdown_params() -> dict[str, Any]:
+    return {"slots_config": TOPDOWN_SLOTS, "cycles_config": ARCH_EVENTS["core_cycles"],
+            "metrics": [{"name": n, "config": c} for n, c in TOPDOWN_METRICS], "alu_repeats": 2000,
+            "chase_lines": CHASE_LINES, "chase_steps": 2_000_000}  # fmt: skip
+
+
+def lbr_params() -> dict[str, Any]:
+    return {"max_samples": 100, "sample_period": SAMPLE_PERIOD, "iterations": 2_000_000}
+
+
+def pebs_params(max_precise: int) -> dict[str, Any]:
+    return {"iterations": ITERATIONS, "sample_period": PEBS_PERIOD, "precise_levels": list(range(1, max_precise + 1)),
+            "load_event": PEBS_LOAD_EVENT, "ldlat_event": LDLAT_EVENT, "ldlat": LDLAT}  # fmt: skip
+
+
+def ibs_params(sysfs: dict[str, str]) -> dict[str, Any]:
+    return {"iterations": ITERATIONS, "max_samples": 200, "period": IBS_PERIOD,
+            "op_type": int(sysfs["ibs_op/type"]), "op_config": IBS_OP_CNT_CTL,
+            "fetch_type": int(sysfs["ibs_fetch/type"])}  # fmt: skip

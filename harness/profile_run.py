@@ -146,8 +146,8 @@ class ProfileRun:
         """The guest's own view (third column of requested / granted / seen)."""
         assert self._guest is not None
         run = self.probe("enum", {"msrs": list(ENUM_MSRS)})
-        pmus, banner = kernel_pmu_facts(self._guest.ssh)
-        self.view = view_from(run, pmus, banner)
+        pmus, banner, sysfs = kernel_pmu_facts(self._guest.ssh)
+        self.view = view_from(run, pmus, banner, sysfs)
         for name, row in self.features.items():
             row["seen"] = _seen(name, self.view)
         self.features.setdefault("pmu", {"requested": self.cpu.pmu_requested(), "granted": None})

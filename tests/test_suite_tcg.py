@@ -26,13 +26,14 @@ def test_run_exits_zero_and_writes_reports(suite_run, host_facts):
     proc, out = suite_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     document = results.load(out / "results.json")
-    assert [r["profile"] for r in document["runs"]] == ["pmu-off", "pmu-on"]
+    expected = ["pmu-off", "pmu-on"] + (["intel-model"] if host_facts["accel"] == "tcg" else [])
+    assert [r["profile"] for r in document["runs"]] == expected
     assert document["host"]["accel"] == host_facts["accel"]
     summary = [line for line in proc.stdout.splitlines() if line.startswith("SUMMARY:")]
     assert summary and fnmatch.fnmatch(summary[0], "SUMMARY: * checks, * passed, 0 failed, * skipped, 0 errors")
     testcases = ET.parse(out / "junit.xml").getroot().iter("testcase")
     assert sum(1 for _ in testcases) == sum(len(r["checks"]) for r in document["runs"])
-    for profile in ("pmu-off", "pmu-on"):
+    for profile in expected:
         assert (out / "logs" / profile / "serial.log").read_text().count("VPMU-GUEST-READY") == 1
 
 
@@ -45,9 +46,14 @@ def test_tcg_verdicts(suite_run, host_facts):
         assert checks["enum.pmu_visible"]["status"] == "pass", checks["enum.pmu_visible"]
         for check in run["checks"]:
             assert check["status"] in ("pass", "skip"), check
-            if check["id"].startswith("arch."):
+            if check["id"].startswith(("arch.", "coexist.canary", "topdown.metrics", "lbr.records", "pebs.precise",
+                                       "ibs.ibs_op")):  # fmt: skip
                 assert check["status"] == "skip"
                 assert check["reason"].startswith(("accel: no vPMU under TCG", "not-applicable:")), check["reason"]
+    # the Intel-model profile runs the Intel-only enumeration checks for real: absent, as expected
+    intel = {c["id"]: c for c in next(r for r in document["runs"] if r["profile"] == "intel-model")["checks"]}
+    for check_id in ("lbr.legacy_enumeration", "lbr.arch_enumeration", "pebs.enumeration", "topdown.enumeration"):
+        assert intel[check_id]["status"] == "pass" and "absent, as expected" in intel[check_id]["reason"]
         # every arch.gp check still ran the counters probe: the measurement carries the guest kernel's errno
         gp = checks["arch.gp.instructions"]
         assert run["guest"]["probe_timings"]["idle/counters"]["run_s"] > 0
@@ -100,7 +106,8 @@ def test_guest_that_panics_is_an_error_with_the_serial_tail_and_the_run_goes_on(
     shutil.copytree(guest_image.directory, image)
     (image / "initramfs.cpio.gz").write_bytes(gzip.compress(b"not a cpio archive" * 100))
     out = tmp_path / "out"
-    proc = run_cli("run", "--image", str(image), "--out", str(out), "--", "-k", "enum", timeout_s=300)
+    proc = run_cli("run", "--image", str(image), "--out", str(out), "--profile", "pmu-off", "--profile", "pmu-on",
+                   "--", "-k", "enum", timeout_s=300)  # fmt: skip
     assert proc.returncode == 1, proc.stdout[-2000:]
     document = results.load(out / "results.json")
     assert [r["profile"] for r in document["runs"]] == ["pmu-off", "pmu-on"]

@@ -38,6 +38,9 @@ def kvm_guest_table(dump: str) -> CpuidTable:
     one = leaves[(1, 0)]
     leaves[(1, 0)] = replace(one, ecx=one.ecx | (1 << 31))
     leaves[(0x40000000, 0)] = Regs(0x40000001, 0x4B4D564B, 0x564B4D56, 0x4D)
+    seven = leaves.get((7, 0))
+    if seven:  # no guest arch LBR upstream (kvm_features.toml arch_lbr), and no hybrid vPMU
+        leaves[(7, 0)] = replace(seven, edx=seven.edx & ~((1 << 19) | (1 << 15)))
     perf = leaves.get((0xA, 0))
     if perf and perf.eax & 0xFF:
         version = min(perf.eax & 0xFF, 2)
@@ -47,17 +50,17 @@ def kvm_guest_table(dump: str) -> CpuidTable:
 
 
 def intel_kvm_guest_view() -> GuestView:
-    caps = decode_caps(kvm_guest_table("GenuineIntel00806F8_SapphireRapids_05_CPUID.txt"))
+    table = kvm_guest_table("GenuineIntel00806F8_SapphireRapids_05_CPUID.txt")
     # KVM always advertises full-width writes (vmx.c vmx_get_perf_capabilities: perf_cap = PERF_CAP_FW_WRITES).
     msrs = {0x345: MsrRead(0x345, 0x2000, None)}
-    return GuestView(
-        caps, msrs, ["cpu", "msr", "software"], "Performance Events: full-width counters, Intel PMU driver."
-    )
+    banner = "Performance Events: full-width counters, Intel PMU driver."
+    return GuestView(decode_caps(table), msrs, ["cpu", "msr", "software"], banner, table.to_records())
 
 
 def amd_kvm_guest_view() -> GuestView:
-    caps = decode_caps(kvm_guest_table("AuthenticAMD0A10F11_K19_Genoa_01_CPUID.txt"))
-    return GuestView(caps, {}, ["cpu", "msr", "software"], "Performance Events: Fam17h+ core perfctr, AMD PMU driver.")
+    table = kvm_guest_table("AuthenticAMD0A10F11_K19_Genoa_01_CPUID.txt")
+    banner = "Performance Events: Fam17h+ core perfctr, AMD PMU driver."
+    return GuestView(decode_caps(table), {}, ["cpu", "msr", "software"], banner, table.to_records())
 
 
 def no_pmu_view() -> GuestView:

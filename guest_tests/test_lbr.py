@@ -1,0 +1,51 @@
+"""LBR: legacy (PERF_CAPABILITIES[5:0]) and architectural (CPUID.1CH), exercised through perf branch stacks over a
+known call chain. KVM gives legacy LBR only on legacy-LBR hosts with the host's CPU model and format; arch LBR not
+at all upstream."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import feature_verdicts as fv
+from harness.probe_params import lbr_params
+from harness.profile_run import ProfileRun
+
+pytestmark = [pytest.mark.feature("lbr"), pytest.mark.intel]
+
+
+def expectation(run: ProfileRun):
+    return fv.lbr_expectation(run.expectation("legacy_lbr"), run.expectation("arch_lbr"))
+
+
+def records(run: ProfileRun) -> list[dict]:
+    return run.probe("lbr", lbr_params()).records if fv.lbr_depth(run.view) else []
+
+
+@pytest.mark.check("lbr.legacy_enumeration")
+def test_legacy_enumeration(profile_run, check):
+    """A legacy LBR format and depth appear exactly when expected."""
+    view = profile_run.view
+    check.judge(fv.legacy_lbr_enumeration(profile_run.expectation("legacy_lbr"), view), view.records)
+
+
+@pytest.mark.check("lbr.arch_enumeration")
+def test_arch_enumeration(profile_run, check):
+    """Arch LBR (CPUID.07H:EDX[19], leaf 1CH) appears exactly when expected; the kernel's depth is enumerated."""
+    view = profile_run.view
+    check.judge(fv.arch_lbr_enumeration(profile_run.expectation("arch_lbr"), view), view.records)
+
+
+@pytest.mark.requires_pmu
+@pytest.mark.check("lbr.records")
+def test_branch_records(profile_run, check):
+    """ANY|USER stacks hold only the probe's own branches and reach the enumerated depth."""
+    found = records(profile_run)
+    check.judge(fv.lbr_records(expectation(profile_run), profile_run.view, found), found)
+
+
+@pytest.mark.requires_pmu
+@pytest.mark.check("lbr.call_stack")
+def test_call_stack(profile_run, check):
+    """CALL_STACK mode inside f3 shows the calls f2->f3, f1->f2, loop->f1."""
+    found = records(profile_run)
+    check.judge(fv.lbr_call_stack(expectation(profile_run), profile_run.view, found), found)

@@ -1,0 +1,51 @@
+"""PEBS: format and precise_ip levels on a load event whose only load instruction is known, load-latency
+sampling, and adaptive PEBS staying hidden while KVM disallows it."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import feature_verdicts as fv
+from harness.probe_params import LDLAT, pebs_params
+from harness.profile_run import ProfileRun
+
+pytestmark = [pytest.mark.feature("pebs"), pytest.mark.intel]
+
+
+def records(run: ProfileRun) -> list[dict]:
+    level = fv.max_precise(run.view)
+    return run.probe("pebs", pebs_params(level)).records if level else []
+
+
+@pytest.mark.check("pebs.enumeration")
+def test_enumeration(profile_run, check):
+    """PEBS (DS, format >= 4, max_precise >= 1) appears exactly when expected."""
+    view = profile_run.view
+    check.judge(fv.pebs_enumeration(profile_run.expectation("pebs"), view), view.records)
+
+
+@pytest.mark.check("pebs.no_adaptive")
+def test_adaptive_pebs_hidden(profile_run, check):
+    """PERF_CAPABILITIES[14] (baseline) stays clear while KVM disallows adaptive PEBS."""
+    view = profile_run.view
+    check.judge(fv.pebs_no_adaptive(profile_run.pmu_expectation(), profile_run.expectation("pebs_adaptive"), view),
+                view.records)  # fmt: skip
+
+
+@pytest.mark.requires_pmu
+@pytest.mark.check("pebs.precise_ip.{level}")
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_precise_ip(profile_run, check, level):
+    """Sampled IPs land on the load (or the next instruction for precise_ip=1 with format <= 3)."""
+    found = records(profile_run)
+    check.judge(fv.pebs_precise(profile_run.expectation("pebs"), profile_run.view, found, level),
+                [r for r in found if r.get("precise_ip") == level])  # fmt: skip
+
+
+@pytest.mark.requires_pmu
+@pytest.mark.check("pebs.ldlat")
+def test_load_latency(profile_run, check):
+    """mem-loads with ldlat: data addresses in the probe's buffer, weight >= ldlat."""
+    found = records(profile_run)
+    check.judge(fv.pebs_ldlat(profile_run.expectation("pebs_ldlat"), profile_run.view, found, LDLAT),
+                [r for r in found if r.get("kind") == "ldlat"])  # fmt: skip
