@@ -123,3 +123,29 @@ def test_probe_is_copied_once_per_guest(guest, tmp_path):
     second = runner.run("enum", {"msrs": [0x345]})
     assert first.copy_s > 0 and second.copy_s == 0
     assert any(r["kind"] == "leaf" and r["leaf"] == 0 for r in second.records)
+
+
+def test_every_probe_compiles_without_warnings(tmp_path):
+    """Each shipped template, rendered with representative parameters, compiles with -Werror (a warning in a probe
+    is usually a measurement bug: an unused result, a truncated constant)."""
+    from harness import probe_params as pp
+    from tests.test_verdicts import amd_kvm_guest_view, intel_kvm_guest_view
+
+    intel, amd = intel_kvm_guest_view(), amd_kvm_guest_view()
+    cases = {
+        "enum": {"msrs": [0x345, 0xC1]},
+        "counters": pp.counters_params(intel),
+        "msr": pp.msr_params(intel),
+        "topdown": pp.topdown_params(),
+        "lbr": pp.lbr_params(),
+        "pebs": pp.pebs_params(3),
+        "ibs": pp.ibs_params({"ibs_op/type": "11", "ibs_fetch/type": "10"}),
+    }
+    builder = ProbeBuilder(cache_dir=tmp_path / "cache")
+    assert {p.name.removesuffix(".c.j2") for p in PROBES_DIR.glob("*.c.j2")} == set(cases)
+    for name, params in [*cases.items(), ("counters", pp.counters_params(amd)), ("msr", pp.msr_params(amd))]:
+        source = tmp_path / f"{name}.c"
+        source.write_text(builder.render(name, params))
+        done = subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror",
+                               "-fsyntax-only", str(source)], capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 0, f"{name}: {done.stderr[:2000]}"
