@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from harness import feature_verdicts as fv
+from harness.branch_map import branch_map
 from harness.probe_params import lbr_params
 from harness.profile_run import ProfileRun
 
@@ -17,8 +18,19 @@ def expectation(run: ProfileRun):
     return fv.lbr_expectation(run.expectation("legacy_lbr"), run.expectation("arch_lbr"))
 
 
+WORKLOAD_FUNCTIONS = ("vpmu_chain", "vpmu_f1", "vpmu_f2", "vpmu_f3")
+
+
 def records(run: ProfileRun) -> list[dict]:
     return run.probe("lbr", lbr_params()).records if fv.lbr_depth(run.view) else []
+
+
+def branches(run: ProfileRun):
+    """The workload's branch instructions, from objdump of the very binary that ran in the guest."""
+    if not fv.lbr_depth(run.view):
+        return None
+    binary = run.probe("lbr", lbr_params()).binary
+    return branch_map(binary, WORKLOAD_FUNCTIONS) if binary else None
 
 
 @pytest.mark.check("lbr.legacy_enumeration")
@@ -40,7 +52,7 @@ def test_arch_enumeration(profile_run, check):
 def test_branch_records(profile_run, check):
     """ANY|USER stacks hold only the probe's own branches and reach the enumerated depth."""
     found = records(profile_run)
-    check.judge(fv.lbr_records(expectation(profile_run), profile_run.view, found), found)
+    check.judge(fv.lbr_records(expectation(profile_run), profile_run.view, found, branches(profile_run)), found)
 
 
 @pytest.mark.requires_pmu

@@ -11,6 +11,7 @@ import errno as errno_mod
 import signal
 from typing import Any
 
+from harness.branch_map import BranchMap
 from harness.expectations import Expectation
 from harness.guest_view import GuestView
 from harness.verdicts import Record, Verdict, errored, failed, gate, passed, skipped
@@ -183,7 +184,9 @@ def legacy_lbr_enumeration(expectation: Expectation, view: GuestView) -> Verdict
 def arch_lbr_enumeration(expectation: Expectation, view: GuestView) -> Verdict:
     """Arch LBR: CPUID.07H:EDX[19] with leaf 1CH depths; the guest kernel's depth is one of them."""
     arch = view.caps.arch_lbr
-    detail = {"cpuid_depths": arch.depths if arch else None, "depth": lbr_depth(view)}
+    detail = {"cpuid_depths": arch.depths if arch else None, "depth": lbr_depth(view),
+              "filters": {k: getattr(arch, k) for k in ("cpl_filter", "branch_filter", "call_stack", "mispredict",
+                                                         "timed", "branch_type")} if arch else None}  # fmt: skip
     if arch is not None and not arch.depths:
         return failed("CPUID.07H:EDX[19] set but leaf 1CH enumerates no depth", "depths", detail)
     if arch is not None and lbr_depth(view) and lbr_depth(view) not in arch.depths:
@@ -203,8 +206,12 @@ def _layout(records: list[Record]) -> Record | None:
     return _one(records, "layout")
 
 
-def lbr_records(expectation: Expectation, view: GuestView, records: list[Record]) -> Verdict:
-    """ANY|USER branch stacks: every from/to in the probe's own text (no kernel or host address), depth reached."""
+def lbr_records(
+    expectation: Expectation, view: GuestView, records: list[Record], branches: BranchMap | None = None
+) -> Verdict:
+    """ANY|USER branch stacks: every from/to in the probe's own text (no kernel or host address), depth reached,
+    and every entry that starts inside the workload starts at one of its branch instructions (calls landing on
+    the callee), as objdump of the probe binary lists them."""
     verdict = gate(expectation, lbr_depth(view) > 0, "registered no LBR depth (cpu/caps/branches)")
     if verdict:
         return verdict
@@ -216,7 +223,7 @@ def lbr_records(expectation: Expectation, view: GuestView, records: list[Record]
         return failed(f"branch-stack sampling failed: {_errno_name(mode)}", "samples", mode.get("strerror"))
     samples = [r for r in records if r.get("kind") == "branch_sample" and r.get("mode") == "any"]
     depth = lbr_depth(view)
-    problems, outside, kernel = [], 0, 0
+    problems, outside, kernel, not_branch, wrong_target = [], 0, 0, 0, 0
     for s in samples:
         if s["nr"] > depth:
             problems.append(f"a sample has {s['nr']} entries > depth {depth}")
@@ -227,14 +234,25 @@ def lbr_records(expectation: Expectation, view: GuestView, records: list[Record]
                     kernel += 1
                 elif not layout["text_start"] <= address < layout["text_end"]:
                     outside += 1
+            if branches is not None and branches.covers(src):
+                site = branches.sites.get(src)
+                if site is None:
+                    not_branch += 1
+                elif site.kind == "call" and site.target is not None and dst != site.target:
+                    wrong_target += 1
     observed = {"samples": mode["samples"], "max_nr": mode["max_nr"], "depth": depth, "kernel_addresses": kernel,
-                "outside_text": outside, "lost": mode["lost"]}  # fmt: skip
+                "outside_text": outside, "not_a_branch": not_branch, "call_elsewhere": wrong_target,
+                "lost": mode["lost"]}  # fmt: skip
     if not mode["samples"]:
         problems.append("no branch-stack samples")
     if kernel:
         problems.append(f"{kernel} kernel-space addresses in USER-only stacks (host or guest-kernel leak)")
     if outside:
         problems.append(f"{outside} addresses outside the probe's text (foreign branches)")
+    if not_branch:
+        problems.append(f"{not_branch} entries start inside the workload but not at one of its branch instructions")
+    if wrong_target:
+        problems.append(f"{wrong_target} call entries land elsewhere than the callee's entry")
     if mode["max_nr"] != depth:
         problems.append(f"deepest stack {mode['max_nr']} != enumerated depth {depth}")
     if problems:

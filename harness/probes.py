@@ -69,6 +69,7 @@ class ProbeRun:
     stderr: str
     duration_s: float
     copy_s: float = 0.0
+    binary: Path | None = None
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         return [r for r in self.records if r.get("kind") == kind]
@@ -207,4 +208,4 @@ class ProbeRunner:
                 why = "terminated by a signal (no exit status)"
             raise ProbeError(name, why, result.stderr)
         records = parse_records(name, result.stdout, result.stderr)
-        return ProbeRun(name, records, result.stderr, result.duration_s, copy_s)
+        return ProbeRun(name, records, result.stderr, result.duration_s, copy_s, probe.binary)

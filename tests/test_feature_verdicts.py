@@ -281,3 +281,35 @@ def test_ibs_sampling(pmu):
     if pmu == "ibs_op":
         assert "differs from IbsOpRip" in fv.ibs_sampling(ON, view, ibs_records(pmu, ip_matches=False), pmu).reason
     assert fv.ibs_sampling(OFF, view, [], pmu).status == "skip"
+
+
+def test_lbr_entries_checked_against_the_probe_binary(tmp_path):
+    """The branch map of the real lbr probe: calls f1->f2->f3 and the loop's call to f1; recorded entries built
+    from it pass, an entry starting inside the workload at a non-branch instruction fails, a call landing
+    elsewhere fails."""
+    from harness.branch_map import branch_map
+
+    probe = ProbeBuilder(cache_dir=tmp_path).build("lbr", lbr_params())
+    functions = ("vpmu_chain", "vpmu_f1", "vpmu_f2", "vpmu_f3")
+    branches = branch_map(probe.binary, functions)
+    assert set(branches.ranges) == set(functions)
+    f1, f2, f3 = (branches.ranges[f][0] for f in ("vpmu_f1", "vpmu_f2", "vpmu_f3"))
+    calls = {site.target for site in branches.sites.values() if site.kind == "call"}
+    assert {f1, f2, f3} <= calls
+    call_to = {site.target: address for address, site in branches.sites.items() if site.kind == "call"}
+    rets = [a for a, s in branches.sites.items() if s.kind == "ret"]
+    text = (min(branches.ranges[f][0] for f in functions), max(branches.ranges[f][1] for f in functions) + 64)
+    good = [[call_to[f2], f2, 0], [call_to[f3], f3, 0], [rets[0], call_to[f3] + 5, 0]] * 11
+
+    def records(entries):
+        lay = {"probe": "lbr", "kind": "layout", "text_start": text[0], "text_end": text[1], "f1": f1, "f2": f2,
+               "f3": f3}  # fmt: skip
+        return [lay, branch_mode("any", 1, 32), branch_sample("any", f3, entries[:32])]
+
+    view = lbr_view(32)
+    assert fv.lbr_records(ON, view, records(good), branches).status == "pass"
+    not_a_branch = [[f3 + 1, f2, 0], *good[1:]]  # f3+1 is a nop, not a branch
+    v = fv.lbr_records(ON, view, records(not_a_branch), branches)
+    assert v.status == "fail" and "not at one of its branch instructions" in v.reason
+    elsewhere = [[call_to[f2], f3, 0], *good[1:]]
+    assert "land elsewhere" in fv.lbr_records(ON, view, records(elsewhere), branches).reason
