@@ -8,6 +8,9 @@ from typing import Any
 
 from harness.errors import UsageError
 
+#: A data file's schema: key -> (type, required, help text). The help text is the format's documentation.
+KeySpec = dict[str, tuple[type, bool, str]]
+
 
 def read_toml(path: Path, what: str) -> dict[str, Any]:
     """Parse ``path``; an unreadable file or a syntax error is a :class:`UsageError` naming the file."""
@@ -17,3 +20,22 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
         raise UsageError(f"{path}: cannot read {what}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path}: not valid TOML: {exc}") from None
+
+
+def check_table(where: str, table: object, keys: KeySpec) -> dict[str, Any]:
+    """Validate one ``[name]`` table: a table, no unknown key, required keys present, values of the right type.
+
+    :raises UsageError: one line naming ``where`` (file and table), the field and what is allowed.
+    """
+    if not isinstance(table, dict):
+        raise UsageError(f"{where}: must be a table of keys (allowed: {', '.join(keys)})")
+    for key in table:
+        if key not in keys:
+            raise UsageError(f"{where}: unknown key '{key}' (allowed: {', '.join(keys)})")
+    for key, (kind, required, help_text) in keys.items():
+        if key not in table:
+            if required:
+                raise UsageError(f"{where}: missing field '{key}' ({help_text})")
+        elif not isinstance(table[key], kind):
+            raise UsageError(f"{where}: field '{key}' must be a {kind.__name__} ({help_text})")
+    return table

@@ -13,13 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from harness.cpu_model import CpuModel
-from harness.datafiles import read_toml
+from harness.datafiles import KeySpec, check_table, read_toml
 from harness.errors import UsageError
 from harness.paths import GUEST_TESTS_DIR
 from harness.profiles import Profile
 
 FEATURES_FILE = GUEST_TESTS_DIR / "kvm_features.toml"
-FEATURE_KEYS = {"description": str, "needs": list, "limits": dict, "sources": list}
+FEATURE_KEYS: KeySpec = {
+    "description": (str, True, "what the feature is"),
+    "needs": (list, True, "conditions that must all hold, from CONDITIONS"),
+    "limits": (dict, False, "caps KVM puts on what the guest sees"),
+    "sources": (list, False, "where each rule comes from"),
+}
 _ON = ("Y", "1", "y")
 
 
@@ -242,14 +247,7 @@ def load_rules(path: Path = FEATURES_FILE) -> dict[str, FeatureRule]:
     rules = {}
     for name, table in data.items():
         where = f"{path}: [{name}]"
-        for key, value in table.items():
-            if key not in FEATURE_KEYS:
-                raise UsageError(f"{where}: unknown key '{key}' (allowed: {', '.join(FEATURE_KEYS)})")
-            if not isinstance(value, FEATURE_KEYS[key]):
-                raise UsageError(f"{where}: field '{key}' must be a {FEATURE_KEYS[key].__name__}")
-        for key in ("description", "needs"):
-            if key not in table:
-                raise UsageError(f"{where}: missing field '{key}'")
+        table = check_table(where, table, FEATURE_KEYS)
         bad = [c for c in table["needs"] if c not in CONDITIONS]
         if bad:
             raise UsageError(f"{where}: unknown condition '{bad[0]}' in 'needs' (allowed: {', '.join(CONDITIONS)})")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.datafiles import read_toml
+from harness.datafiles import check_table, read_toml
 from harness.errors import UsageError
 from harness.paths import GUEST_TESTS_DIR
 from harness.perf_output import error_message, parse_stat_csv, summarize
@@ -61,17 +61,7 @@ class LoadSpec:
 
 def _spec(path: Path, name: str, table: object) -> LoadSpec:
     where = f"{path}: [{name}]"
-    if not isinstance(table, dict):
-        raise UsageError(f"{where}: must be a table of keys (allowed: {', '.join(LOAD_KEYS)})")
-    for key in table:
-        if key not in LOAD_KEYS:
-            raise UsageError(f"{where}: unknown key '{key}' (allowed: {', '.join(LOAD_KEYS)})")
-    for key, (kind, required, help_text) in LOAD_KEYS.items():
-        if key not in table:
-            if required:
-                raise UsageError(f"{where}: missing field '{key}' ({help_text})")
-        elif not isinstance(table[key], kind):
-            raise UsageError(f"{where}: field '{key}' must be a {kind.__name__} ({help_text})")
+    table = check_table(where, table, LOAD_KEYS)
     command = table.get("command", [])
     if command:
         if not all(isinstance(w, str) for w in command) or command[0] != "perf":

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.cpu_model import CpuModel
-from harness.datafiles import read_toml
+from harness.datafiles import check_table, read_toml
 from harness.errors import UsageError
 from harness.paths import GUEST_TESTS_DIR
 
@@ -52,18 +52,7 @@ def _tcg_default(cpu: str) -> str:
 
 def _profile(path: Path, name: str, table: object) -> Profile:
     where = f"{path}: [{name}]"
-    if not isinstance(table, dict):
-        raise UsageError(f"{where}: must be a table of keys (allowed: {', '.join(PROFILE_KEYS)})")
-    for key in table:
-        if key not in PROFILE_KEYS:
-            raise UsageError(f"{where}: unknown key '{key}' (allowed: {', '.join(PROFILE_KEYS)})")
-    for key, (kind, required, help_text) in PROFILE_KEYS.items():
-        if key not in table:
-            if required:
-                raise UsageError(f"{where}: missing field '{key}' ({help_text})")
-            continue
-        if not isinstance(table[key], kind):
-            raise UsageError(f"{where}: field '{key}' must be a {kind.__name__} ({help_text})")
+    table = check_table(where, table, PROFILE_KEYS)
     accels = tuple(table.get("accels", ACCELS))
     bad = [a for a in accels if a not in ACCELS]
     if bad or not accels:
