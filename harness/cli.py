@@ -254,7 +254,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     for option, value in (("--image", args.image), ("--kernel", args.kernel), ("--accel", args.accel)):
         if value is not None:
             argv += [option, str(value)]
-    code = pytest.main([*argv, *extra])
+    terminated: list[int] = []
+
+    def interrupt_on_sigterm(signum: int, frame: object) -> None:
+        # Inside pytest a SystemExit would only fail the current check; KeyboardInterrupt stops the session and
+        # runs every teardown (guests, host loads), like Ctrl-C.
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt_on_sigterm)
+    try:
+        code = pytest.main([*argv, *extra])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if terminated:
+        return 128 + terminated[0]
     if code == 5:
         print("ERROR: run: no checks selected (check -k/-m arguments)", file=sys.stderr)
         return ExitCode.USAGE

@@ -118,8 +118,10 @@ def test_a_load_that_exits_at_once_is_unavailable(tmp_path):
 
 
 @pytest.mark.integration
-def test_interrupted_run_leaves_no_perf_behind(guest_image):
-    """Ctrl-C in the middle of a check group under a software load: perf and QEMU are gone afterwards."""
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_run_leaves_no_perf_behind(guest_image, sig, code):
+    """Ctrl-C or SIGTERM in the middle of a check group under a software load: the run stops with 130/143 and
+    perf and QEMU are gone afterwards."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "harness", "run", "--image", str(guest_image.directory), "--profile", "pmu-on",
          "--load", "host-sw-counting", "--out", "/tmp/vpmu-interrupt-test"],
@@ -131,8 +133,8 @@ def test_interrupted_run_leaves_no_perf_behind(guest_image):
         seen_perf = perf_children(proc.pid)
         time.sleep(0.05)
     assert seen_perf, "the host load never started"
-    proc.send_signal(signal.SIGINT)
-    proc.wait(60)
+    proc.send_signal(sig)
+    assert proc.wait(60) == code
     time.sleep(0.2)
     assert not any(Path(f"/proc/{pid}").exists() for pid in seen_perf)
     assert not perf_children(proc.pid)
