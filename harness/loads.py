@@ -201,7 +201,11 @@ class HostLoad:
             self._proc = subprocess.Popen([perf, *argv[1:]], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                           start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
         self.result.output = str(self._out_path)
-        self._wait_ready(begin)
+        try:
+            self._wait_ready(begin)
+        except BaseException:
+            self.stop()  # interrupted (Ctrl-C, SIGTERM) while starting: the caller never gets to stop() it
+            raise
         self.result.start_s = round(time.monotonic() - begin, 3)
         return self.result
 

@@ -131,8 +131,12 @@ class ProfileRun:
         self.boot_s = time.monotonic() - start
         self._runner = ProbeRunner(guest.ssh)
         self._probes.clear()
-        self.pinning = pin_vcpus(guest.machine)
-        self._look()
+        try:
+            self.pinning = pin_vcpus(guest.machine)
+            self._look()
+        except BaseException:
+            self.close()  # the caller never gets a booted run to close: shut the guest down here
+            raise
 
     def _read_granted(self, machine: QemuMachine) -> None:
         granted, self.filtered_features = granted_props(machine, self.cpu)

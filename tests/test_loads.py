@@ -148,3 +148,20 @@ def test_cli_bad_loads_file_and_unknown_load(tmp_path):
     assert_one_line_error(run_cli("run", "--loads-file", str(path), "--out", str(tmp_path)), str(path),
                           "[x]", "unknown key 'count_guest'")  # fmt: skip
     assert_one_line_error(run_cli("run", "--load", "nope", "--out", str(tmp_path)), "no load 'nope'")
+
+
+def test_interrupt_while_the_load_starts_stops_it(tmp_path, monkeypatch):
+    """Ctrl-C can land between starting perf and the caller's stop(): start() must stop what it started."""
+    load = HostLoad(SW_LOAD, tmp_path, [1], [0])
+    started: list[int] = []
+    real_wait = HostLoad._wait_ready
+
+    def interrupted(self, begin):
+        started.append(self._proc.pid)
+        real_wait(self, begin)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(HostLoad, "_wait_ready", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load.start()
+    assert started and not Path(f"/proc/{started[0]}").exists()
