@@ -94,7 +94,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser(
         "run",
-        help="run the suite (pytest guest_tests) and write results.json and junit.xml",
+        help="run the suite (pytest guest_tests); write results.json, junit.xml, matrix.md, matrix.html",
         description="Run every check under each selected profile; without --profile, every profile that applies "
         "to this host and accelerator. Exit 0 when no check failed or errored (skips are fine).",
     )
