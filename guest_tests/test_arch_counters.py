@@ -30,8 +30,7 @@ def msr_records(run: ProfileRun) -> list[dict]:
 
 
 def errata(run: ProfileRun) -> bool:
-    caps = run.view.caps
-    return caps.vendor == "GenuineIntel" and caps.family == 6 and caps.model in verdicts.ERRATA_OVERCOUNT_MODELS
+    return verdicts.overcount_errata(run.view.caps)
 
 
 @pytest.mark.check("arch.gp.{event}")

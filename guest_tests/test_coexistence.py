@@ -12,7 +12,7 @@ import pytest
 from harness import coexist
 from harness.probe_params import counters_params
 from harness.profile_run import ProfileRun
-from harness.verdicts import ERRATA_OVERCOUNT_MODELS
+from harness.verdicts import overcount_errata
 
 pytestmark = pytest.mark.feature("coexistence")
 
@@ -41,8 +41,7 @@ def test_exact_count_canary(profile_run, host_load, check):
     elapsed = host_load.elapsed_s() if host_load else 0.0
     vm_exits = {"total": exits_now, "during_group": during,
                 "per_s": round(during / elapsed, 1) if during is not None and elapsed > 0 else None}  # fmt: skip
-    caps = profile_run.view.caps
-    errata = caps.vendor == "GenuineIntel" and caps.family == 6 and caps.model in ERRATA_OVERCOUNT_MODELS
+    errata = overcount_errata(profile_run.view.caps)
     verdict = coexist.canary(profile_run.pmu_expectation(), profile_run.view, records,
                              idle.records if idle else None, host_load.result if host_load else None, vm_exits,
                              errata)  # fmt: skip

@@ -183,15 +183,8 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
 
 def _exec_accel(requested: str | None) -> str:
-    facts_kvm = hostfacts.kvm_facts()
-    choice = hostfacts.choose_accel(facts_kvm, hostfacts.cpuinfo_flags(), hostfacts.qemu_facts())
-    if requested is None:
-        if choice.accel is None:
-            raise HarnessError(choice.reason)
-        return choice.accel
-    if requested == "kvm" and choice.accel != "kvm":
-        raise UsageError(f"--accel kvm: KVM is not usable here ({choice.reason})")
-    return requested
+    choice = hostfacts.choose_accel(hostfacts.kvm_facts(), hostfacts.cpuinfo_flags(), hostfacts.qemu_facts())
+    return hostfacts.resolve_accel(requested, choice)
 
 
 def cmd_exec(args: argparse.Namespace) -> int:

@@ -14,19 +14,12 @@ from typing import Any
 from harness.branch_map import BranchMap
 from harness.expectations import Expectation
 from harness.guest_view import GuestView
-from harness.verdicts import Record, Verdict, errored, failed, gate, passed, skipped
+from harness.verdicts import Record, Verdict, errored, failed, first_record, gate, passed, skipped
 
 USER_SPACE_END = 1 << 47  # x86-64 canonical user half (4-level paging): user addresses are below 0x8000_0000_0000
 TOPDOWN_SUM_TOLERANCE = 0.02  # probe-reference.md §2c: |sum of level-1 metrics - slots| <= 2 % of slots
 TOPDOWN_WIDTH = (3.5, 8.5)  # slots per cycle: 4, 5, 6 or 8 wide cores, diluted by SMT (§2c)
 MAJORITY = 0.5  # retiring(ALU) > 50 %, backend(chase) > 50 % (§2c: relative assertions, not tight thresholds)
-
-
-def _one(records: list[Record], kind: str, **match: Any) -> Record | None:
-    for r in records:
-        if r.get("kind") == kind and all(r.get(k) == v for k, v in match.items()):
-            return r
-    return None
 
 
 def _errno_name(record: Record) -> str:
@@ -203,7 +196,7 @@ def lbr_expectation(legacy: Expectation, arch: Expectation) -> Expectation:
 
 
 def _layout(records: list[Record]) -> Record | None:
-    return _one(records, "layout")
+    return first_record(records, "layout")
 
 
 def lbr_records(
@@ -215,7 +208,7 @@ def lbr_records(
     verdict = gate(expectation, lbr_depth(view) > 0, "registered no LBR depth (cpu/caps/branches)")
     if verdict:
         return verdict
-    mode = _one(records, "branch_mode", mode="any")
+    mode = first_record(records, "branch_mode", mode="any")
     layout = _layout(records)
     if mode is None or layout is None:
         return errored("lbr probe produced no 'any' mode or layout record")
@@ -265,7 +258,7 @@ def lbr_call_stack(expectation: Expectation, view: GuestView, records: list[Reco
     verdict = gate(expectation, lbr_depth(view) > 0, "registered no LBR depth (cpu/caps/branches)")
     if verdict:
         return verdict
-    mode = _one(records, "branch_mode", mode="call_stack")
+    mode = first_record(records, "branch_mode", mode="call_stack")
     layout = _layout(records)
     if mode is None or layout is None:
         return errored("lbr probe produced no 'call_stack' mode or layout record")
@@ -337,7 +330,7 @@ def pebs_precise(expectation: Expectation, view: GuestView, records: list[Record
         return verdict
     if level > max_precise(view):
         return skipped(f"not-enumerated: precise_ip={level} > cpu/caps/max_precise={max_precise(view)}")
-    r = _one(records, "precise", precise_ip=level)
+    r = first_record(records, "precise", precise_ip=level)
     if r is None:
         return errored(f"pebs probe produced no precise_ip={level} record")
     if "error" in r:
@@ -369,7 +362,7 @@ def pebs_ldlat(expectation: Expectation, view: GuestView, records: list[Record],
     verdict = gate(expectation, max_precise(view) > 0, "reports max_precise 0")
     if verdict:
         return verdict
-    r = _one(records, "ldlat")
+    r = first_record(records, "ldlat")
     if r is None:
         return errored("pebs probe produced no ldlat record")
     if "error" in r:
@@ -415,7 +408,7 @@ def ibs_sampling(expectation: Expectation, view: GuestView, records: list[Record
     verdict = gate(expectation, ibs_shown(view), "shows no IBS")
     if verdict:
         return verdict
-    mode = _one(records, "ibs_mode", pmu=pmu)
+    mode = first_record(records, "ibs_mode", pmu=pmu)
     if mode is None:
         return errored(f"ibs probe produced no {pmu} record")
     if "error" in mode:

@@ -20,6 +20,7 @@ from typing import Any
 
 from harness.caps import PmuCaps, decode_caps, decode_perf_capabilities
 from harness.cpuid_dump import CpuidTable, Regs
+from harness.errors import HarnessError, UsageError
 
 SYSFS_MODULES = Path("/sys/module")
 SYSFS_PMUS = Path("/sys/bus/event_source/devices")
@@ -253,6 +254,20 @@ def choose_accel(kvm: dict[str, Any], cpu_flags: set[str], qemu: dict[str, Any])
     if "tcg" not in qemu.get("accels", []):
         return AccelChoice(None, "KVM unusable (" + "; ".join(why_not) + ") and QEMU has no TCG")
     return AccelChoice("tcg", "KVM unusable: " + "; ".join(why_not) + "; using TCG (no vPMU)")
+
+
+def resolve_accel(requested: str | None, choice: AccelChoice) -> str:
+    """The accelerator to use: ``requested`` (``--accel``) if it can run here, else doctor's choice.
+
+    :raises UsageError: kvm was requested where KVM is not usable.
+    :raises HarnessError: nothing was requested and no accelerator is usable at all.
+    """
+    if requested == "kvm" and choice.accel != "kvm":
+        raise UsageError(f"--accel kvm: KVM is not usable here ({choice.reason})")
+    chosen = requested or choice.accel
+    if chosen is None:
+        raise HarnessError(f"no usable accelerator: {choice.reason}")
+    return chosen
 
 
 def vpmu_mode(accel: str | None, kvm: dict[str, Any]) -> str | None:

@@ -9,8 +9,8 @@ words, instead of a load that silently measures nothing (``perf stat`` keeps run
 
 from __future__ import annotations
 
-import ctypes
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +21,7 @@ from typing import Any
 
 from harness.datafiles import check_table, read_toml
 from harness.errors import UsageError
+from harness.lifetime import die_with_parent
 from harness.paths import GUEST_TESTS_DIR
 from harness.perf_output import error_message, parse_stat_csv, summarize
 
@@ -78,9 +79,7 @@ def _spec(path: Path, name: str, table: object) -> LoadSpec:
 
 def _placeholders(word: str) -> list[str]:
     """Names in {braces} that are placeholders (a perf event group "{a,b}:D" is not one)."""
-    import re
-
-    return [m for m in re.findall(r"\{([a-z_]+)\}", word)]
+    return re.findall(r"\{([a-z_]+)\}", word)
 
 
 def load_loads(path: Path = DEFAULT_LOADS_FILE) -> dict[str, LoadSpec]:
@@ -125,10 +124,6 @@ class LoadResult:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def precheck(events: str, perf: str = "perf") -> str | None:
@@ -199,7 +194,7 @@ class HostLoad:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self._out_path, "wb") as out:
             self._proc = subprocess.Popen([perf, *argv[1:]], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                          start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
+                                          start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
         self.result.output = str(self._out_path)
         try:
             self._wait_ready(begin)

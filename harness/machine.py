@@ -8,7 +8,6 @@ harness even if the harness is SIGKILLed. Modelled on QEMU's python/qemu/machine
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import re
@@ -29,13 +28,13 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from harness.console import ConsoleLog
 from harness.errors import AbnormalShutdown, BootError, LaunchError, tail
 from harness.image import READY_MARKER
+from harness.lifetime import die_with_parent
 from harness.qemu_argv import MachineConfig, build_argv, image_files
 
 LOG = logging.getLogger(__name__)
 
 #: Console lines that mean the guest kernel died; a boot wait ends at once on any of them.
 PANIC_PATTERNS = (r"Kernel panic - not syncing[^\n]*", r"BUG: kernel NULL pointer[^\n]*", r"---\[ end trace[^\n]*")
-PR_SET_PDEATHSIG = 1
 DEFAULT_QMP_TIMEOUT_S = 30.0
 DEFAULT_BOOT_TIMEOUT_S = 120.0
 DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0
@@ -57,12 +56,6 @@ def sweep_stale_tmpdirs(root: Path | None = None) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Ask the kernel to SIGKILL the child when the launching thread dies, so QEMU never outlives us."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class QemuMachine:
@@ -134,7 +127,7 @@ class QemuMachine:
                     stderr=qemu_log,
                     pass_fds=(theirs.fileno(),),
                     start_new_session=True,  # a terminal Ctrl-C reaches the harness, which shuts QEMU down
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=die_with_parent,
                 )
         finally:
             theirs.close()  # QEMU holds its end; ours sees EOF when QEMU exits

@@ -110,13 +110,11 @@ def _host_facts(config: pytest.Config) -> dict[str, Any]:
 
 def _accel(config: pytest.Config) -> str:
     facts = _host_facts(config)
-    requested = config.getoption("vpmu_accel")
-    if requested == "kvm" and facts["accel"] != "kvm":
-        raise pytest.UsageError(f"--accel kvm: KVM is not usable here ({facts['accel_reason']})")
-    chosen = requested or facts["accel"]
-    if chosen is None:
-        raise pytest.UsageError(f"no usable accelerator: {facts['accel_reason']}")
-    return chosen
+    choice = hostfacts.AccelChoice(facts["accel"], facts["accel_reason"])
+    try:
+        return hostfacts.resolve_accel(config.getoption("vpmu_accel"), choice)
+    except HarnessError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def _selected_profiles(config: pytest.Config) -> list[str]:
@@ -316,7 +314,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not path or STATE_KEY not in config.stash:
         return
     state = config.stash[STATE_KEY]
-    accel = config.getoption("vpmu_accel") or _host_facts(config)["accel"]
+    accel = _accel(config)
     runs = []
     for name in state.selected:
         run = state.runs.get(name)

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.caps import ArchPerfmon
+from harness.caps import ArchPerfmon, PmuCaps
 from harness.expectations import Expectation
 from harness.guest_view import NO_PMU_FAULTING_MSRS, GuestView
 from harness.workloads import LOOP
@@ -336,9 +336,17 @@ def fixed_counter(
     return passed(f"fixed counter {index} ({event}) within bounds", expected, value)
 
 
-def _one(records: list[Record], kind: str) -> Record | None:
-    found = [r for r in records if r.get("kind") == kind]
-    return found[0] if found else None
+def first_record(records: list[Record], kind: str, **match: Any) -> Record | None:
+    """The first record of ``kind`` whose fields equal ``match`` (e.g. mode="any"), or None."""
+    for r in records:
+        if r.get("kind") == kind and all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def overcount_errata(caps: PmuCaps) -> bool:
+    """Whether the CPU is one of the Intel Atom models whose instruction/branch counts overcount."""
+    return caps.vendor == "GenuineIntel" and caps.family == 6 and caps.model in ERRATA_OVERCOUNT_MODELS
 
 
 def disabled_no_count(expectation: Expectation, view: GuestView, counters: list[Record], msr: list[Record]) -> Verdict:
@@ -348,7 +356,7 @@ def disabled_no_count(expectation: Expectation, view: GuestView, counters: list[
         return verdict
     observed: dict[str, Any] = {}
     problems: list[str] = []
-    record = _one(counters, "disabled")
+    record = first_record(counters, "disabled")
     if record is None or "error" in record:
         problems.append(f"never-enabled perf event: {_errno_text(record) if record else 'no record'}")
     else:
@@ -356,7 +364,7 @@ def disabled_no_count(expectation: Expectation, view: GuestView, counters: list[
         if record["value"] != 0:
             problems.append(f"never-enabled perf event counted {record['value']}")
     for kind, label in (("disabled_sel", "EVTSEL.EN=0"), ("disabled_global", "GLOBAL_CTRL bit clear")):
-        record = _one(msr, kind)
+        record = first_record(msr, kind)
         if record is None:
             if kind == "disabled_sel" or (view.caps.arch_perfmon and view.caps.arch_perfmon.version >= 2):
                 problems.append(f"{label}: no record from the msr probe")
@@ -467,7 +475,7 @@ def rdpmc(expectation: Expectation, view: GuestView, counters: list[Record], msr
             problems.append(f"user-page RDPMC of counter {record['rdpmc_index']:#x} = {via_rdpmc} vs read() "
                             f"{record['value_n']} (gap {gap}, want 0..{RDPMC_AFTER_READ_MAX})")  # fmt: skip
     for kind in ("rdpmc_beyond", "rdpmc_invalid"):
-        record = _one(msr if kind == "rdpmc_beyond" else counters, kind)
+        record = first_record(msr if kind == "rdpmc_beyond" else counters, kind)
         if record is None or "error" in record:
             problems.append(f"{kind}: {_errno_text(record) if record else 'no record'}")
             continue
@@ -485,7 +493,7 @@ def exact_global_ctrl(expectation: Expectation, view: GuestView, msr: list[Recor
     verdict = gate(expectation, view.cpuid_pmu, "enumerates no PMU")
     if verdict:
         return verdict
-    record = _one(msr, "enabled")
+    record = first_record(msr, "enabled")
     if record is None:
         return errored("msr probe produced no 'enabled' record")
     n = int(record["iterations"])
@@ -519,7 +527,7 @@ def overflow_status(expectation: Expectation, view: GuestView, msr: list[Record]
         return skipped(f"not-enumerated: PMU version {perfmon.version} has no global status MSRs (v2+)")
     if view.amd and not (view.caps.amd and view.caps.amd.perfmon_v2):
         return skipped("not-enumerated: no PerfMonV2, so no global status MSRs (kvm-unit-tests skips these too)")
-    record = _one(msr, "overflow")
+    record = first_record(msr, "overflow")
     if record is None or "skipped" in record:
         return errored("msr probe produced no overflow record")
     observed = {"status": record["status"], "status_after_clear": record["status_after_clear"],
@@ -545,7 +553,7 @@ def pmi_sampling(expectation: Expectation, view: GuestView, counters: list[Recor
     verdict = gate(expectation, view.cpuid_pmu, "enumerates no PMU")
     if verdict:
         return verdict
-    record = _one(counters, "sampling")
+    record = first_record(counters, "sampling")
     if record is None:
         return errored("counters probe produced no sampling record")
     if "error" in record:
