@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.caps import decode_perf_capabilities
 from harness.cpu_model import CpuModel
 from harness.datafiles import KeySpec, check_table, read_toml
 from harness.errors import UsageError
@@ -24,6 +25,7 @@ FEATURE_KEYS: KeySpec = {
     "needs": (list, True, "conditions that must all hold, from CONDITIONS"),
     "limits": (dict, False, "caps KVM puts on what the guest sees"),
     "sources": (list, False, "where each rule comes from"),
+    "offer": (str, False, "the OFFERS predicate (harness/expectations.py) answering from KVM's measured offer"),
 }
 _ON = ("Y", "1", "y")
 
@@ -35,6 +37,8 @@ class Context:
     accel: str
     host: dict[str, Any]
     profile: Profile
+    #: What QEMU granted per requested -cpu property (qom-get on the paused vCPU); None before boot (plan).
+    granted: dict[str, Any] | None = None
 
     @property
     def cpu(self) -> CpuModel:
@@ -43,6 +47,11 @@ class Context:
     @property
     def host_vendor(self) -> str | None:
         return self.host.get("cpu", {}).get("vendor")
+
+    @property
+    def offer(self) -> dict[str, Any] | None:
+        """What KVM offers guests, as doctor read it from /dev/kvm; None when unknown (old facts, no access)."""
+        return self.host.get("kvm_offer")
 
 
 def _accel_kvm(ctx: Context) -> str | None:
@@ -139,17 +148,33 @@ def _vpmu_not_mediated(ctx: Context) -> str | None:
     return "kvm-limit: no guest PEBS with the mediated vPMU (vmx_pebs_supported() is false with enable_mediated_pmu)"
 
 
-def _profile_perf_caps_passthrough(ctx: Context) -> str | None:
-    props = ctx.cpu.props
-    if props.get("migratable") is False or "lbr-fmt" in props or "pebs-fmt" in props:
-        return None
-    return (f"profile: {ctx.profile.name} keeps migratable=on without lbr-fmt/pebs-fmt, so QEMU hides the host's "
-            "LBR/PEBS formats in IA32_PERF_CAPABILITIES")  # fmt: skip
+def _profile_perf_caps_field(prop: str, what: str) -> Callable[[Context], str | None]:
+    """QEMU passes a PERF_CAPABILITIES field through only with migratable=no or the field's own property.
+
+    QEMU target/i386/kvm/kvm.c / cpu.c: with migratable=on (the default for host/max) unnamed bits of the MSR
+    feature word FEAT_PERF_CAPABILITIES are dropped; ``lbr-fmt`` (QEMU 7.1) names the LBR format, ``pebs-fmt`` (2026
+    series) the PEBS format. Each format is checked on its own: one property does not pass the other through.
+    """
+
+    def check(ctx: Context) -> str | None:
+        props = ctx.cpu.props
+        if props.get("migratable") is False or prop in props:
+            return None
+        return (f"profile: {ctx.profile.name} keeps migratable=on without {prop}, so QEMU hides the host's {what} "
+                "in IA32_PERF_CAPABILITIES")  # fmt: skip
+
+    return check
 
 
 def _profile_has(prop: str) -> Callable[[Context], str | None]:
+    """The profile requests ``+prop``, and (once booted) QEMU granted it (qom-get on the paused vCPU)."""
+
     def check(ctx: Context) -> str | None:
-        return None if ctx.cpu.props.get(prop) else f"profile: {ctx.profile.name} does not request +{prop}"
+        if not ctx.cpu.props.get(prop):
+            return f"profile: {ctx.profile.name} does not request +{prop}"
+        if ctx.granted is not None and ctx.granted.get(prop) is False:
+            return f"qemu: QEMU did not grant +{prop} (qom-get reads false; see filtered-features)"
+        return None
 
     return check
 
@@ -173,16 +198,35 @@ def _kvm_limit(name: str) -> Callable[[Context], str | None]:
     return lambda _ctx: KVM_LIMITS[name]
 
 
-#: Intel models with PEBS-via-EPT (guest PEBS): Ice Lake server (0x6A, 0x6C), Sapphire Rapids (0x8F), Emerald
-#: Rapids (0xCF), Granite Rapids (0xAD, 0xAE) (reference probe-reference.md §4e; KVM intel_pmu_lbr/pebs_ept).
-PEBS_EPT_MODELS = {0x6A, 0x6C, 0x8F, 0xCF, 0xAD, 0xAE}
+#: Intel models whose perf driver sets ``pebs_ept`` by model in arch/x86/events/intel/core.c intel_pmu_init():
+#: Ice Lake server (0x6A, 0x6C; "case INTEL_ICELAKE_X/D: x86_pmu.pebs_ept = 1") and the Sapphire Rapids case with
+#: its fall-through models Emerald Rapids (0xCF) and Granite Rapids (0xAD, 0xAE). Every PEBS format 5 or 6 part
+#: gets it from arch/x86/events/intel/ds.c intel_ds_pebs_init() ("case 6: case 5: x86_pmu.pebs_ept = 1"), and
+#: KVM's vmx_pebs_supported() (vmx/capabilities.h) needs it. Used only when the KVM offer is unknown: the offer's
+#: PERF_CAPABILITIES answers this for the host itself.
+PEBS_EPT_BY_MODEL = {0x6A, 0x6C, 0x8F, 0xCF, 0xAD, 0xAE}
+PEBS_EPT_FORMATS = (5, 6)
 
 
 def _host_pebs_ept(ctx: Context) -> str | None:
     caps = _host_caps(ctx)
-    if caps.get("family") == 6 and caps.get("model") in PEBS_EPT_MODELS:
+    perf_caps, _why = _host_perf_caps(ctx)
+    pebs_format = int((perf_caps or {}).get("pebs_format") or 0)
+    if pebs_format in PEBS_EPT_FORMATS or (caps.get("family") == 6 and caps.get("model") in PEBS_EPT_BY_MODEL):
         return None
-    return f"host: model {caps.get('model', '?')} has no PEBS-via-EPT (guest PEBS needs ICX, SPR, EMR or GNR)"
+    return (f"host: no PEBS-via-EPT (PEBS format {pebs_format}, model {caps.get('model', '?')}: the perf driver sets "
+            "pebs_ept for PEBS format 5/6 and Ice Lake server only, intel_ds_pebs_init())")  # fmt: skip
+
+
+def _host_nmi_watchdog_off(ctx: Context) -> str | None:
+    """The host NMI watchdog (kernel/watchdog_perf.c) holds a pinned cycles event on every CPU."""
+    value = (ctx.host.get("sysctls") or {}).get("kernel.nmi_watchdog")
+    if value is None:
+        value = (ctx.host.get("perf") or {}).get("nmi_watchdog")
+    if value in (None, "0"):
+        return None
+    return (f"host: nmi_watchdog={value} holds a pinned cycles event per CPU (kernel/watchdog_perf.c) "
+            "(echo 0 > /proc/sys/kernel/nmi_watchdog)")  # fmt: skip
 
 
 CONDITIONS: dict[str, Callable[[Context], str | None]] = {
@@ -199,14 +243,107 @@ CONDITIONS: dict[str, Callable[[Context], str | None]] = {
     "host_arch_lbr": _host_arch_lbr,
     "host_pebs": _host_perf_cap("pebs_format", "no PEBS"),
     "host_pebs_ept": _host_pebs_ept,
+    "host_nmi_watchdog_off": _host_nmi_watchdog_off,
     "host_ibs": _host_ibs,
     "vpmu_mediated": _vpmu_mediated,
     "vpmu_not_mediated": _vpmu_not_mediated,
-    "profile_perf_caps_passthrough": _profile_perf_caps_passthrough,
+    "profile_lbr_fmt_passthrough": _profile_perf_caps_field("lbr-fmt", "LBR format"),
+    "profile_pebs_fmt_passthrough": _profile_perf_caps_field("pebs-fmt", "PEBS format"),
     "profile_arch_lbr": _profile_has("arch-lbr"),
     "profile_ibs": _profile_has("ibs"),
     **{name: _kvm_limit(name) for name in KVM_LIMITS},
 }
+
+
+# --- What KVM offers guests (doctor's ``kvm_offer``, read from /dev/kvm) --------------------------------------
+#
+# An offer predicate answers "does KVM give guests this feature on this host?" from KVM's own answers:
+# KVM_GET_SUPPORTED_CPUID and the feature MSR IA32_PERF_CAPABILITIES (KVM_GET_MSRS on the system fd). It returns
+# (True/False, the fact in words), or (None, why) when the offer cannot tell (e.g. an old KVM without the
+# PERF_CAPABILITIES feature MSR). DESIGN.md, "Where an expectation comes from": the measurement wins over the table.
+
+Offered = tuple[bool | None, str]
+
+
+def _offer_perf_caps(offer: dict[str, Any]) -> dict[str, Any] | None:
+    decoded = offer.get("perf_capabilities_decoded")
+    if decoded is None and isinstance(offer.get("perf_capabilities"), int):
+        decoded = decode_perf_capabilities(offer["perf_capabilities"])
+    return decoded
+
+
+def _offer_perf_cap(field_name: str, what: str) -> Callable[[dict[str, Any]], Offered]:
+    def answer(offer: dict[str, Any]) -> Offered:
+        caps = _offer_perf_caps(offer)
+        if caps is None:
+            return None, "KVM lists no IA32_PERF_CAPABILITIES feature MSR (KVM_GET_MSR_FEATURE_INDEX_LIST)"
+        value = caps.get(field_name)
+        fact = f"KVM's IA32_PERF_CAPABILITIES {caps.get('raw', 0):#x}: {field_name}={int(value or 0)}"
+        return (bool(value), fact) if value else (False, f"{fact}: KVM offers guests no {what}")
+
+    return answer
+
+
+def _offer_arch_perfmon(offer: dict[str, Any]) -> Offered:
+    perfmon = (offer.get("pmu") or {}).get("arch_perfmon")
+    if not perfmon:
+        return False, "KVM_GET_SUPPORTED_CPUID leaf 0AH is zero: KVM offers guests no architectural PMU"
+    return True, (f"KVM_GET_SUPPORTED_CPUID 0AH: version {perfmon['version']}, {perfmon['gp_counters']} GP x "
+                  f"{perfmon['gp_width']} bit, {perfmon['fixed_counters']} fixed")  # fmt: skip
+
+
+def _offer_amd_core(offer: dict[str, Any]) -> Offered:
+    # arch/x86/kvm/svm/svm.c svm_set_cpu_caps(): PERFCTR_CORE only with enable_pmu and >= 6 counters; PERFMON_V2
+    # only with PERFCTR_CORE and PMU version 2.
+    amd = (offer.get("pmu") or {}).get("amd") or {}
+    if not (amd.get("perfctr_core") or amd.get("perfmon_v2")):
+        return False, ("KVM_GET_SUPPORTED_CPUID offers neither PerfCtrExtCore (80000001H ECX[23]) nor PerfMonV2 "
+                       "(80000022H EAX[0])")  # fmt: skip
+    return True, (f"KVM_GET_SUPPORTED_CPUID: PerfCtrExtCore={bool(amd.get('perfctr_core'))}, "
+                  f"PerfMonV2={bool(amd.get('perfmon_v2'))}, {amd.get('core_counters')} core counters")  # fmt: skip
+
+
+def _offer_topdown(offer: dict[str, Any]) -> Offered:
+    perfmon = (offer.get("pmu") or {}).get("arch_perfmon") or {}
+    has_fc3 = bool((int(perfmon.get("fixed_counter_mask") or 0) >> 3) & 1)
+    metrics, fact = _offer_perf_cap("perf_metrics", "PERF_METRICS")(offer)
+    if not has_fc3:
+        return False, "KVM_GET_SUPPORTED_CPUID 0AH offers no fixed counter 3 (TOPDOWN.SLOTS)"
+    return metrics, f"KVM_GET_SUPPORTED_CPUID 0AH offers fixed counter 3; {fact}"
+
+
+def _offer_arch_lbr(offer: dict[str, Any]) -> Offered:
+    if (offer.get("pmu") or {}).get("arch_lbr"):
+        return True, "KVM_GET_SUPPORTED_CPUID 07H EDX[19] (arch LBR) is set"
+    return False, "KVM_GET_SUPPORTED_CPUID 07H EDX[19] (arch LBR) is clear: KVM offers guests no arch LBR"
+
+
+def _offer_ibs(offer: dict[str, Any]) -> Offered:
+    if ((offer.get("pmu") or {}).get("amd") or {}).get("ibs"):
+        return True, "KVM_GET_SUPPORTED_CPUID 80000001H ECX[10] and 8000001BH offer IBS"
+    return False, "KVM_GET_SUPPORTED_CPUID offers no IBS (80000001H ECX[10] clear)"
+
+
+OFFERS: dict[str, Callable[[dict[str, Any]], Offered]] = {
+    "arch_perfmon": _offer_arch_perfmon,
+    "amd_core": _offer_amd_core,
+    "topdown": _offer_topdown,
+    "legacy_lbr": _offer_perf_cap("lbr_format", "legacy LBR (LBR format 0)"),
+    "arch_lbr": _offer_arch_lbr,
+    "pebs": _offer_perf_cap("pebs_format", "PEBS (vmx_pebs_supported() is false)"),
+    "pebs_baseline": _offer_perf_cap("pebs_baseline", "adaptive PEBS (baseline, bit 14)"),
+    "ibs": _offer_ibs,
+}
+
+#: Conditions about what KVM gives guests on this host: when a rule names an offer, the offer answers these
+#: instead of the table (a backport or a newer kernel shows up in the offer first). Conditions about the run
+#: (accelerator, profile, QEMU), the CPU vendor, host knobs KVM does not report (ignore_msrs, nmi_watchdog) and
+#: limits no ioctl shows (kvm_guest_ldlat) stay with the table.
+OFFER_ANSWERS = frozenset({
+    "kvm_enable_pmu", "host_pmu", "host_not_hybrid", "host_perf_metrics", "host_legacy_lbr", "host_arch_lbr",
+    "host_pebs", "host_pebs_ept", "host_ibs", "vpmu_mediated", "vpmu_not_mediated", "kvm_guest_arch_lbr",
+    "kvm_guest_topdown", "kvm_guest_adaptive_pebs", "kvm_guest_ibs",
+})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -216,17 +353,24 @@ class FeatureRule:
     needs: tuple[str, ...]
     limits: dict[str, int] = field(default_factory=dict)
     sources: tuple[str, ...] = ()
+    #: The OFFERS predicate that answers this rule from the measured KVM offer ("" = the table alone decides).
+    offer: str = ""
 
 
 @dataclass(frozen=True)
 class Expectation:
-    """Whether ``feature`` is expected in the guest, and why (the SKIP reason when it is not)."""
+    """Whether ``feature`` is expected in the guest, and why (the SKIP reason when it is not).
+
+    ``note`` says where the measured KVM offer and kvm_features.toml disagree (the offer won); ``limits`` are
+    KVM's caps on the guest's enumeration, from the offer when measured, else from the table.
+    """
 
     feature: str
     available: bool
     reason: str
     limits: dict[str, int] = field(default_factory=dict)
     sources: tuple[str, ...] = ()
+    note: str | None = None
 
 
 def first_unmet(needs: tuple[str, ...] | list[str], ctx: Context) -> str | None:
@@ -241,7 +385,7 @@ def first_unmet(needs: tuple[str, ...] | list[str], ctx: Context) -> str | None:
 def load_rules(path: Path = FEATURES_FILE) -> dict[str, FeatureRule]:
     """Parse and validate the features file.
 
-    :raises UsageError: syntax error, unknown key or condition (one line naming file, feature and field).
+    :raises UsageError: syntax error, unknown key, condition or offer (one line naming file, feature and field).
     """
     data = read_toml(path, "KVM feature rules")
     rules = {}
@@ -251,17 +395,66 @@ def load_rules(path: Path = FEATURES_FILE) -> dict[str, FeatureRule]:
         bad = [c for c in table["needs"] if c not in CONDITIONS]
         if bad:
             raise UsageError(f"{where}: unknown condition '{bad[0]}' in 'needs' (allowed: {', '.join(CONDITIONS)})")
+        offer = table.get("offer", "")
+        if offer and offer not in OFFERS:
+            raise UsageError(f"{where}: unknown offer '{offer}' in 'offer' (allowed: {', '.join(OFFERS)})")
         rules[name] = FeatureRule(name, table["description"], tuple(table["needs"]), table.get("limits", {}),
-                                  tuple(table.get("sources", ())))  # fmt: skip
+                                  tuple(table.get("sources", ())), offer)  # fmt: skip
     return rules
 
 
+def offer_limits(rule: FeatureRule, offer: dict[str, Any] | None) -> dict[str, int]:
+    """KVM's caps on the guest PMU: the offered CPUID when measured (it is what KVM_SET_CPUID2 accepts), else the
+    table's (arch/x86/kvm/pmu.c kvm_init_pmu_capability(): perf-based vPMU version <= 2, <= 8 GP, <= 3 fixed)."""
+    pmu = (offer or {}).get("pmu") or {}
+    if rule.offer == "arch_perfmon" and pmu.get("arch_perfmon"):
+        perfmon = pmu["arch_perfmon"]
+        return {"version": perfmon["version"], "gp_counters": perfmon["gp_counters"],
+                "fixed_counters": perfmon["fixed_counters"]}  # fmt: skip
+    if rule.offer == "amd_core" and pmu.get("amd"):
+        return {"core_counters": pmu["amd"]["core_counters"]}
+    return dict(rule.limits)
+
+
 def expect(rule: FeatureRule, ctx: Context) -> Expectation:
-    """Decide whether the guest should have ``rule``'s feature."""
-    reason = first_unmet(rule.needs, ctx)
-    if reason is None:
-        return Expectation(rule.name, True, f"expected: {rule.description}", rule.limits, rule.sources)
-    return Expectation(rule.name, False, reason, rule.limits, rule.sources)
+    """Decide whether the guest should have ``rule``'s feature.
+
+    The table's conditions are checked in order; the first unmet one is the reason. Where the rule names an offer
+    and the host's KVM offer was measured, the offer answers the KVM conditions (OFFER_ANSWERS): a table limit the
+    offer contradicts is overridden (and noted), and a feature the table allows but KVM does not offer is
+    unavailable with the offer's words.
+    """
+    offer = ctx.offer if rule.offer else None
+    offered, fact = OFFERS[rule.offer](offer) if offer is not None else (None, "")
+    limits = offer_limits(rule, offer)
+    overridden: list[str] = []
+    for name in rule.needs:
+        reason = CONDITIONS[name](ctx)
+        if reason is None:
+            continue
+        if offered is True and name in OFFER_ANSWERS:
+            overridden.append(reason)
+            continue
+        return Expectation(rule.name, False, reason, limits, rule.sources)
+    if offered is False:
+        note = "kvm_features.toml expects it but the KVM offer does not show it; the offer wins"
+        return Expectation(rule.name, False, f"kvm-offer: {fact} ({note})", limits, rule.sources, note)
+    note = None
+    if overridden:
+        note = (f"the KVM offer shows it ({fact}) although kvm_features.toml says '{overridden[0]}' "
+                "(a backport or a newer kernel?); the offer wins")  # fmt: skip
+    reason = f"expected: {rule.description}" + (f" ({fact})" if offered else "")
+    return Expectation(rule.name, True, reason, limits, rule.sources, note)
+
+
+def offer_notes(ctx: Context, rules: dict[str, FeatureRule] | None = None) -> list[str]:
+    """Every rule where the measured offer and the table disagree, for the run's header."""
+    found = []
+    for rule in (rules or load_rules()).values():
+        expectation = expect(rule, ctx)
+        if expectation.note:
+            found.append(f"{rule.name}: {expectation.note}")
+    return found
 
 
 def pmu_feature(ctx: Context) -> str:

@@ -1,8 +1,9 @@
 """Host facts for ``harness doctor``: which accelerator the suite can use, and what PMU the host has.
 
-Every fact is read from the system (sysfs, /proc, the host's CPUID through /dev/cpu/0/cpuid, the binaries
-themselves) at call time; nothing is assumed. The accelerator decision is a pure function of those facts
-(:func:`choose_accel`), so it can be unit-tested with the facts of hosts we do not have.
+Every fact is read from the system (sysfs, /proc, the host's CPUID through /dev/cpu/0/cpuid, what KVM offers
+guests through /dev/kvm's system ioctls (harness.kvm_offer), the binaries themselves) at call time; nothing is
+assumed. The accelerator decision is a pure function of those facts (:func:`choose_accel`), so it can be
+unit-tested with the facts of hosts we do not have.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness import kvm_offer
 from harness.caps import PmuCaps, decode_caps, decode_perf_capabilities
 from harness.cpuid_dump import CpuidTable, Regs
 from harness.errors import HarnessError, UsageError
 
 SYSFS_MODULES = Path("/sys/module")
 SYSFS_PMUS = Path("/sys/bus/event_source/devices")
-KVM_DEVICE = Path("/dev/kvm")
+PROC_SYS_KERNEL = Path("/proc/sys/kernel")
+KVM_DEVICE = kvm_offer.KVM_DEVICE
 CPUID_DEVICE = Path("/dev/cpu/0/cpuid")
 # Module names that provide hardware-assisted KVM for normal guests.
 KVM_VENDOR_MODULES = ("kvm_intel", "kvm_amd")
@@ -38,6 +41,11 @@ HOST_CPUID_LEAVES = (
     (0x0, 0), (0x1, 0), (0x7, 0), (0xA, 0), (0x1C, 0),
     (0x40000000, 0), (0x80000000, 0), (0x80000001, 0), (0x8000001B, 0), (0x80000022, 0),
 )  # fmt: skip
+# Host sysctls that change what a guest's counters see (Documentation/admin-guide/sysctl/kernel.rst):
+# nmi_watchdog keeps a pinned cycles event on every CPU (kernel/watchdog_perf.c), which competes with KVM's pinned
+# backing events; perf_event_paranoid gates host perf (the load generator); perf_cpu_time_max_percent and
+# perf_event_max_sample_rate drive the sampling throttle (kernel/events/core.c perf_sample_event_took()).
+HOST_SYSCTLS = ("nmi_watchdog", "perf_event_paranoid", "perf_cpu_time_max_percent", "perf_event_max_sample_rate")
 QEMU_BINARY = "qemu-system-x86_64"
 PROBE_TIMEOUT_S = 20.0
 
@@ -144,7 +152,12 @@ def cpuinfo_flags(text: str | None = None) -> set[str]:
 
 
 def kvm_facts() -> dict[str, Any]:
-    """Return facts about /dev/kvm, the loaded KVM modules and their PMU parameters."""
+    """Return facts about /dev/kvm, the loaded KVM modules and the parameters that change guest PMU behaviour.
+
+    ``force_emulation_prefix`` (kvm.ko) lets a guest force instruction emulation (``ud2; .ascii "kvm"``), which
+    KVM counts in software (kvm_pmu_instruction_retired()); ``ignore_msrs`` turns #GP on unknown MSRs into
+    reads of 0 (x86.c kvm_msr_ignored_check()).
+    """
     modules = sorted(m.name for m in SYSFS_MODULES.glob("kvm*") if m.is_dir())
     vendor_params: dict[str, str | None] = {}
     for module in KVM_VENDOR_MODULES:
@@ -156,10 +169,29 @@ def kvm_facts() -> dict[str, Any]:
         "device_present": KVM_DEVICE.exists(),
         "device_access": KVM_DEVICE.exists() and os.access(KVM_DEVICE, os.R_OK | os.W_OK),
         "modules": modules,
+        "vendor_module": next((m for m in KVM_VENDOR_MODULES if m in modules), None),
         "enable_pmu": _read(SYSFS_MODULES / "kvm" / "parameters" / "enable_pmu"),
         "enable_mediated_pmu": mediated,
         "ignore_msrs": _read(SYSFS_MODULES / "kvm" / "parameters" / "ignore_msrs"),
+        "force_emulation_prefix": _read(SYSFS_MODULES / "kvm" / "parameters" / "force_emulation_prefix"),
     }
+
+
+def sysctl_facts(proc_sys_kernel: Path = PROC_SYS_KERNEL, pmus_dir: Path = SYSFS_PMUS) -> dict[str, Any]:
+    """Return the host sysctls of HOST_SYSCTLS and each core PMU's multiplexing interval.
+
+    perf_event_mux_interval_ms is per PMU (kernel/events/core.c perf_event_mux_interval_ms_store(), default
+    PERF_CPU_HRTIMER = 1000/HZ ms): how often perf rotates events that do not all fit on the counters, host and
+    guest-backing events alike.
+    """
+    facts: dict[str, Any] = {f"kernel.{name}": _read(proc_sys_kernel / name) for name in HOST_SYSCTLS}
+    mux: dict[str, int] = {}
+    for pmu in CORE_PMU_NAMES:
+        value = _read(pmus_dir / pmu / "perf_event_mux_interval_ms")
+        if value is not None and value.isdigit():
+            mux[pmu] = int(value)
+    facts["perf_event_mux_interval_ms"] = mux
+    return facts
 
 
 def perf_facts() -> dict[str, Any]:
@@ -287,6 +319,7 @@ def collect() -> dict[str, Any]:
     caps = decode_caps(table) if table is not None else None
     flags = cpuinfo_flags()
     kvm = kvm_facts()
+    offer, offer_reason = kvm_offer.read_offer(KVM_DEVICE)
     qemu = qemu_facts()
     choice = choose_accel(kvm, flags, qemu)
     cpuinfo = _read(Path("/proc/cpuinfo")) or ""
@@ -310,10 +343,25 @@ def collect() -> dict[str, Any]:
         "kernel": platform.release(),
         "cpu": cpu,
         "kvm": kvm,
+        "kvm_offer": offer,
+        "kvm_offer_reason": offer_reason,
+        "sysctls": sysctl_facts(),
         "host_pmu": host_pmu_facts(caps),
         "perf": perf_facts(),
         "qemu": qemu,
     }
+
+
+def _render_sysctls(facts: dict[str, Any]) -> str:
+    """The sysctl line; facts from before ``sysctls`` existed only have perf.nmi_watchdog and perf.paranoid."""
+    sysctls = facts.get("sysctls")
+    if sysctls is None:
+        perf = facts["perf"]
+        return f"nmi_watchdog={perf['nmi_watchdog']} perf_event_paranoid={perf['paranoid']}"
+    values = " ".join(f"{name}={sysctls.get(f'kernel.{name}')}" for name in HOST_SYSCTLS)
+    mux = sysctls.get("perf_event_mux_interval_ms") or {}
+    mux_text = ", ".join(f"{pmu}={ms}" for pmu, ms in mux.items()) or "no core PMU"
+    return f"{values} perf_event_mux_interval_ms: {mux_text}"
 
 
 def render_text(facts: dict[str, Any]) -> str:
@@ -329,11 +377,14 @@ def render_text(facts: dict[str, Any]) -> str:
         f"KVM:           /dev/kvm {'present' if kvm['device_present'] else 'absent'}"
         f"{', accessible' if kvm['device_access'] else ''}; modules {', '.join(kvm['modules']) or 'none'}; "
         f"enable_pmu={kvm['enable_pmu']}; enable_mediated_pmu={kvm['enable_mediated_pmu']}",
+        f"KVM knobs:     ignore_msrs={kvm.get('ignore_msrs')} force_emulation_prefix="
+        f"{kvm.get('force_emulation_prefix')} vendor_module={kvm.get('vendor_module')}",
+        f"KVM offer:     {kvm_offer.describe(facts.get('kvm_offer'), facts.get('kvm_offer_reason'))}",
         f"host PMU:      {'present: ' + ', '.join(pmu['core_pmus']) if pmu['present'] else 'absent'} "
         f"(CPUID.0AH version {pmu['arch_perfmon_version']}; perf PMUs: {', '.join(pmu['pmus']) or 'none'})",
         f"perf:          {perf['path'] or 'missing'} {perf['version'] or ''}; hardware events "
         f"{'count' if perf['hw_events_count'] else 'do not count'} ({perf['hw_events_detail']})",
-        f"sysctl:        nmi_watchdog={perf['nmi_watchdog']} perf_event_paranoid={perf['paranoid']}",
+        f"sysctl:        {_render_sysctls(facts)}",
         f"QEMU:          {qemu['path'] or 'missing'} {qemu['version'] or ''} (accels: {', '.join(qemu['accels'])})",
     ]
     return "\n".join(lines)

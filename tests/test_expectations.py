@@ -7,7 +7,7 @@ import pytest
 from harness.caps import decode_caps
 from harness.cpuid_dump import load_cpuid_dump
 from harness.errors import UsageError
-from harness.expectations import Context, expect, load_rules, pmu_feature
+from harness.expectations import CONDITIONS, Context, expect, load_rules, offer_notes, pmu_feature
 from harness.profiles import Profile, load_profiles
 from tests.helpers import CPUID_DIR
 
@@ -91,3 +91,143 @@ def test_profile_requires_uses_the_same_vocabulary(tmp_path):
     path.write_text('[lbr]\ndescription = "d"\ncpu = "host,pmu=on"\nrequires = ["host_intel", "acel_kvm"]\n')
     with pytest.raises(UsageError, match=r"\[lbr\]: unknown condition 'acel_kvm' in 'requires'"):
         load_profiles(path)
+
+
+# --- expectations from the measured KVM offer (doctor's kvm_offer) -------------------------------------------
+# Offers are built the way KVM computes them: arch/x86/kvm/pmu.c kvm_init_pmu_capability() caps the host's
+# CPUID.0AH (perf-based vPMU: version <= 2, <= 8 GP, <= 3 fixed); arch/x86/kvm/vmx/vmx.c vmx_get_perf_capabilities()
+# gives FW_WRITES (bit 13), the host's LBR format only on legacy-LBR hosts, the PEBS fields only when
+# vmx_pebs_supported(), and never PEBS baseline (bit 14, "Disallow adaptive PEBS", 2024).
+
+FW_WRITES = 1 << 13
+SPR_PEBS = 0x4C0  # PEBS format 4 (bits 11:8), pebs_trap (6), pebs_arch_regs (7): PEBS fields of an SPR host
+
+
+def offer(caps: dict, *, version=2, gp=8, fixed=3, perf_caps=None, arch_lbr=False, perf_caps_listed=True):
+    """A kvm_offer object as doctor reports it (same keys as harness/kvm_offer.py writes)."""
+    pmu = {**caps, "arch_lbr": caps.get("arch_lbr") if arch_lbr else None}
+    if caps["vendor"] == "GenuineIntel":
+        pmu["arch_perfmon"] = None if version == 0 else {
+            **caps["arch_perfmon"], "version": version, "gp_counters": gp, "fixed_counters": fixed,
+            "fixed_counter_mask": (1 << fixed) - 1}  # fmt: skip
+    return {"source": "/dev/kvm", "cpuid": [], "pmu": pmu, "capabilities": {},
+            "perf_capabilities": perf_caps if perf_caps_listed else None, "perf_capabilities_decoded": None}  # fmt: skip
+
+
+def kvm_host(dump="GenuineIntel00806F8_SapphireRapids_05_CPUID.txt", host_perf_caps=None, **offer_args):
+    caps = decode_caps(load_cpuid_dump(CPUID_DIR / dump)).to_json()
+    facts = host(vendor=caps["vendor"], accel="kvm")
+    facts["cpu"]["caps"] = caps
+    if host_perf_caps is not None:
+        from harness.caps import decode_perf_capabilities
+
+        facts["cpu"]["perf_capabilities"] = {"value": decode_perf_capabilities(host_perf_caps), "reason": None}
+    if offer_args.pop("no_offer", False):
+        return facts
+    facts["kvm_offer"] = offer(caps, **offer_args)
+    return facts
+
+
+def test_offer_gives_the_limits():
+    e = expect(RULES["arch_perfmon"], Context("kvm", kvm_host(perf_caps=FW_WRITES, fixed=4, gp=8), PMU_ON))
+    assert e.available and e.limits == {"version": 2, "gp_counters": 8, "fixed_counters": 4}
+    assert "KVM_GET_SUPPORTED_CPUID 0AH: version 2, 8 GP" in e.reason
+
+
+def test_offer_without_a_pmu_wins_over_the_table():
+    """Table: every condition holds; KVM's leaf 0AH is zero (e.g. a kernel that disabled the vPMU): expected absent."""
+    e = expect(RULES["arch_perfmon"], Context("kvm", kvm_host(version=0), PMU_ON))
+    assert not e.available
+    assert e.reason.startswith("kvm-offer: KVM_GET_SUPPORTED_CPUID leaf 0AH is zero")
+    assert "the offer wins" in e.reason and e.note
+
+
+def test_offer_overrides_a_table_limit_and_says_so():
+    """A backport: the table says no guest topdown upstream, KVM offers fixed counter 3 and PERF_METRICS."""
+    facts = kvm_host(fixed=4, perf_caps=FW_WRITES | 1 << 15)
+    facts["cpu"]["perf_capabilities"] = {"value": {"perf_metrics": True}, "reason": None}
+    ctx = Context("kvm", facts, Profile("td", "d", "host,pmu=on,migratable=no,+perf-metrics", None, ("kvm",)))
+    e = expect(RULES["topdown"], ctx)
+    assert e.available, e.reason
+    assert "kvm_features.toml says 'kvm-limit: needs the mediated vPMU" in e.note
+    assert any(note.startswith("topdown: the KVM offer shows it") for note in offer_notes(ctx, RULES))
+
+
+def test_accelerator_still_comes_first():
+    e = expect(RULES["arch_perfmon"], Context("tcg", {**kvm_host(), "accel": "tcg"}, PMU_ON))
+    assert e.reason.startswith("accel: no vPMU under TCG")
+
+
+def test_host_condition_reason_kept_when_the_offer_agrees():
+    """enable_pmu=N: KVM zeroes its offer too; the precise host reason stays."""
+    facts = kvm_host(version=0)
+    facts["kvm"]["enable_pmu"] = "N"
+    assert expect(RULES["arch_perfmon"], Context("kvm", facts, PMU_ON)).reason == "host: kvm.enable_pmu=N"
+
+
+LBR_PROFILE = Profile("lbr", "d", "host,pmu=on,migratable=no", None, ("kvm",))
+SKX = "GenuineIntel0050654_SkylakeXeon_CPUID.txt"
+SKX_PERF_CAPS = 0x33C5  # LBR format 5, PEBS format 3 + trap/arch_regs, FW_WRITES, SMM_FREEZE (Skylake server)
+
+
+def test_legacy_lbr_from_the_offer():
+    offered = kvm_host(SKX, host_perf_caps=SKX_PERF_CAPS, perf_caps=FW_WRITES | 0x5)
+    assert expect(RULES["legacy_lbr"], Context("kvm", offered, LBR_PROFILE)).available
+    # Mediated vPMU (vmx_get_perf_capabilities: no LBR format with enable_mediated_pmu): the offer says no LBR.
+    withheld = kvm_host(SKX, host_perf_caps=SKX_PERF_CAPS, perf_caps=FW_WRITES)
+    e = expect(RULES["legacy_lbr"], Context("kvm", withheld, LBR_PROFILE))
+    assert not e.available and e.reason.startswith("kvm-offer: KVM's IA32_PERF_CAPABILITIES 0x2000: lbr_format=0")
+
+
+def test_unknown_perf_capabilities_leave_the_table_to_decide():
+    facts = kvm_host(SKX, host_perf_caps=SKX_PERF_CAPS, perf_caps_listed=False)
+    assert expect(RULES["legacy_lbr"], Context("kvm", facts, LBR_PROFILE)).available
+
+
+def test_lbr_and_pebs_formats_pass_through_separately():
+    only_lbr = Profile("l", "d", "host,pmu=on,lbr-fmt=0x5", None, ("kvm",))
+    facts = kvm_host(perf_caps=FW_WRITES | SPR_PEBS, host_perf_caps=0x2000 | SPR_PEBS)
+    e = expect(RULES["pebs"], Context("kvm", facts, only_lbr))
+    assert not e.available and "without pebs-fmt" in e.reason
+
+
+def test_pebs_from_the_offer_not_a_model_list():
+    spr = kvm_host(perf_caps=FW_WRITES | SPR_PEBS, host_perf_caps=0x2000 | SPR_PEBS)
+    assert expect(RULES["pebs"], Context("kvm", spr, LBR_PROFILE)).available
+    mediated = kvm_host(perf_caps=FW_WRITES, host_perf_caps=0x2000 | SPR_PEBS)
+    e = expect(RULES["pebs"], Context("kvm", mediated, LBR_PROFILE))
+    assert not e.available and "pebs_format=0" in e.reason
+
+
+@pytest.mark.parametrize(("perf_caps", "model_ok"), [(0x2000 | SPR_PEBS, True), (SKX_PERF_CAPS, False)])
+def test_pebs_ept_fallback_without_an_offer(perf_caps, model_ok):
+    """No offer: intel_ds_pebs_init() gives pebs_ept to PEBS format 5/6 (SPR) but not to Skylake's format 3."""
+    dump = "GenuineIntel00806F8_SapphireRapids_05_CPUID.txt" if model_ok else SKX
+    facts = kvm_host(dump, host_perf_caps=perf_caps, no_offer=True)
+    reason = CONDITIONS["host_pebs_ept"](Context("kvm", facts, LBR_PROFILE))
+    assert (reason is None) == model_ok, reason
+
+
+def test_qemu_grant_is_part_of_the_expectation():
+    profile = Profile("alb", "d", "host,pmu=on,+arch-lbr", None, ("kvm",))
+    facts = kvm_host()
+    e = expect(RULES["arch_lbr"], Context("kvm", facts, profile, granted={"arch-lbr": False}))
+    assert not e.available and e.reason.startswith("qemu: QEMU did not grant +arch-lbr"), e.reason
+
+
+@pytest.mark.parametrize(("sysctls", "perf", "held"), [
+    ({"kernel.nmi_watchdog": "1"}, {}, False), ({"kernel.nmi_watchdog": "0"}, {"nmi_watchdog": "1"}, True),
+    ({}, {"nmi_watchdog": "1"}, False), ({}, {}, True)])  # fmt: skip
+def test_nmi_watchdog_condition(sysctls, perf, held):
+    facts = {**kvm_host(), "sysctls": sysctls, "perf": perf}
+    reason = CONDITIONS["host_nmi_watchdog_off"](Context("kvm", facts, PMU_ON))
+    assert (reason is None) == held
+    if not held:
+        assert "echo 0 > /proc/sys/kernel/nmi_watchdog" in reason
+
+
+def test_bad_offer_name(tmp_path):
+    path = tmp_path / "kvm_features.toml"
+    path.write_text('[f]\ndescription = "d"\nneeds = []\noffer = "arch_perfmn"\n')
+    with pytest.raises(UsageError, match="unknown offer 'arch_perfmn'"):
+        load_rules(path)
