@@ -64,12 +64,25 @@ def _accel_kvm(ctx: Context) -> str | None:
 
 def _kvm_enable_pmu(ctx: Context) -> str | None:
     value = ctx.host.get("kvm", {}).get("enable_pmu")
-    return None if value in _ON else f"host: kvm.enable_pmu={value}"
+    if value in _ON:
+        return None
+    if ctx.host.get("host_pmu", {}).get("hybrid"):
+        # arch/x86/kvm/pmu.c kvm_init_pmu_capability() itself sets enable_pmu = false on X86_FEATURE_HYBRID_CPU,
+        # so sysfs reads N although nobody asked for it: name the real cause.
+        return _host_not_hybrid(ctx)
+    return f"host: kvm.enable_pmu={value}"
+
+
+#: Vendors whose PMU KVM virtualizes with the AMD code (arch/x86/kvm/svm/pmu.c; Hygon Dhyana is a Zen derivative
+#: and takes the same path: cpuid.c / svm.c treat X86_VENDOR_HYGON like AMD).
+VENDOR_FAMILY = {"GenuineIntel": "GenuineIntel", "AuthenticAMD": "AuthenticAMD", "HygonGenuine": "AuthenticAMD"}
 
 
 def _host_vendor(wanted: str) -> Callable[[Context], str | None]:
     def check(ctx: Context) -> str | None:
-        return None if ctx.host_vendor == wanted else f"host: CPU vendor is {ctx.host_vendor}, not {wanted}"
+        if VENDOR_FAMILY.get(ctx.host_vendor or "") == wanted:
+            return None
+        return f"host: CPU vendor is {ctx.host_vendor}, not {wanted}"
 
     return check
 
@@ -119,10 +132,27 @@ def _host_caps(ctx: Context) -> dict[str, Any]:
     return ctx.host.get("cpu", {}).get("caps") or {}
 
 
+#: Intel models whose legacy LBR has no call-stack mode: arch/x86/events/intel/lbr.c gives the call-stack select
+#: map (hsw_lbr_sel_map) only to Haswell and later big cores and Goldmont+; Nehalem/Westmere (nhm map), Sandy/Ivy
+#: Bridge (snb map), Silvermont/Airmont (intel_pmu_lbr_init_slm) and Knights Landing/Mill (_knl) lack it, and
+#: arch/x86/kvm/vmx/vmx.c vmx_get_perf_capabilities() gives guests no LBR format without has_callstack.
+#: Used only when the KVM offer is unknown (the offer's LBR format answers it).
+LBR_NO_CALL_STACK_MODELS = {
+    0x1A, 0x1E, 0x1F, 0x2E, 0x25, 0x2C, 0x2F,  # Nehalem, Westmere
+    0x2A, 0x2D, 0x3A, 0x3E,  # Sandy Bridge, Ivy Bridge
+    0x37, 0x4A, 0x4C, 0x4D, 0x5A, 0x5D,  # Silvermont, Airmont
+    0x57, 0x85,  # Knights Landing, Knights Mill
+}  # fmt: skip
+
+
 def _host_legacy_lbr(ctx: Context) -> str | None:
-    if _host_caps(ctx).get("arch_lbr"):
+    caps = _host_caps(ctx)
+    if caps.get("arch_lbr"):
         return "kvm-limit: KVM gives no guest LBR on arch-LBR hosts ('Disallow enabling LBR support if the CPU " \
                "supports architectural LBRs', 2023)"  # fmt: skip
+    if caps.get("family") == 6 and caps.get("model") in LBR_NO_CALL_STACK_MODELS:
+        return (f"kvm-limit: host model {caps['model']:#x} has no call-stack LBR, and KVM gives guests LBR only "
+                "with it (vmx_get_perf_capabilities(): has_callstack)")  # fmt: skip
     return _host_perf_cap("lbr_format", "no legacy LBR")(ctx)
 
 
@@ -145,7 +175,8 @@ def _vpmu_mediated(ctx: Context) -> str | None:
 def _vpmu_not_mediated(ctx: Context) -> str | None:
     if ctx.host.get("vpmu_mode") != "mediated":
         return None
-    return "kvm-limit: no guest PEBS with the mediated vPMU (vmx_pebs_supported() is false with enable_mediated_pmu)"
+    return ("kvm-limit: no guest PEBS with the mediated vPMU (legacy PEBS/LBR are not offered to mediated guests, "
+            "mediated vPMU series v6, Dec 2025; the KVM offer's PEBS format answers this where measured)")  # fmt: skip
 
 
 def _profile_perf_caps_field(prop: str, what: str) -> Callable[[Context], str | None]:
@@ -218,6 +249,17 @@ def _host_pebs_ept(ctx: Context) -> str | None:
             "pebs_ept for PEBS format 5/6 and Ice Lake server only, intel_ds_pebs_init())")  # fmt: skip
 
 
+def _pmu_off_reaches_kvm(ctx: Context) -> str | None:
+    """Whether ``pmu=off`` takes the vPMU away from an AMD guest (Intel: QEMU zeroes CPUID.0AH, so KVM sees PMU
+    version 0 and every PMU MSR is invalid: arch/x86/kvm/vmx/pmu_intel.c intel_pmu_refresh())."""
+    if VENDOR_FAMILY.get(ctx.host_vendor or "") != "AuthenticAMD":
+        return None
+    return ("qemu-limit: QEMU's pmu=off does not take an AMD guest's counters away: AMD has no CPUID bit for the "
+            "legacy K7 counters and QEMU neither clears PerfCtrExtCore nor sets KVM_PMU_CAP_DISABLE "
+            "(KVM_CAP_PMU_CAPABILITY) in releases up to 10.2 (Dongli Zhang's series, v9 January 2026, unmerged as "
+            "found)")  # fmt: skip
+
+
 def _host_nmi_watchdog_off(ctx: Context) -> str | None:
     """The host NMI watchdog (kernel/watchdog_perf.c) holds a pinned cycles event on every CPU."""
     value = (ctx.host.get("sysctls") or {}).get("kernel.nmi_watchdog")
@@ -244,6 +286,7 @@ CONDITIONS: dict[str, Callable[[Context], str | None]] = {
     "host_pebs": _host_perf_cap("pebs_format", "no PEBS"),
     "host_pebs_ept": _host_pebs_ept,
     "host_nmi_watchdog_off": _host_nmi_watchdog_off,
+    "pmu_off_reaches_kvm": _pmu_off_reaches_kvm,
     "host_ibs": _host_ibs,
     "vpmu_mediated": _vpmu_mediated,
     "vpmu_not_mediated": _vpmu_not_mediated,

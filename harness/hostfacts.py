@@ -164,17 +164,35 @@ def kvm_facts() -> dict[str, Any]:
         if module in modules:
             vendor_params[module] = _read(SYSFS_MODULES / module / "parameters" / "enable_mediated_pmu")
     mediated = next((v for v in vendor_params.values() if v is not None), None)
+    enable_pmu, enable_pmu_source = effective_enable_pmu(modules, SYSFS_MODULES)
     return {
         "device": str(KVM_DEVICE),
         "device_present": KVM_DEVICE.exists(),
         "device_access": KVM_DEVICE.exists() and os.access(KVM_DEVICE, os.R_OK | os.W_OK),
         "modules": modules,
         "vendor_module": next((m for m in KVM_VENDOR_MODULES if m in modules), None),
-        "enable_pmu": _read(SYSFS_MODULES / "kvm" / "parameters" / "enable_pmu"),
+        "enable_pmu": enable_pmu,
+        "enable_pmu_source": enable_pmu_source,
         "enable_mediated_pmu": mediated,
         "ignore_msrs": _read(SYSFS_MODULES / "kvm" / "parameters" / "ignore_msrs"),
         "force_emulation_prefix": _read(SYSFS_MODULES / "kvm" / "parameters" / "force_emulation_prefix"),
     }
+
+
+def effective_enable_pmu(modules: list[str], sysfs_modules: Path) -> tuple[str | None, str]:
+    """Whether KVM gives VMs a vPMU at all, and where that answer comes from.
+
+    ``kvm.enable_pmu`` exists since Linux 5.17 (commit 4732f2444acd "KVM: x86: Making the module parameter of vPMU
+    more common"). Before it, kvm_amd had its own ``pmu`` parameter (5.7-5.16) and Intel's vPMU was always on, so a
+    missing parameter on an old host means "on", not "off".
+    """
+    value = _read(sysfs_modules / "kvm" / "parameters" / "enable_pmu")
+    if value is not None or "kvm" not in modules:
+        return value, "kvm.enable_pmu"
+    amd = _read(sysfs_modules / "kvm_amd" / "parameters" / "pmu") if "kvm_amd" in modules else None
+    if amd is not None:
+        return amd, "kvm_amd.pmu (kernel before 5.17)"
+    return "Y", "default: no kvm.enable_pmu before Linux 5.17; the vPMU is always on"
 
 
 def sysctl_facts(proc_sys_kernel: Path = PROC_SYS_KERNEL, pmus_dir: Path = SYSFS_PMUS) -> dict[str, Any]:

@@ -110,8 +110,9 @@ def offer(caps: dict, *, version=2, gp=8, fixed=3, perf_caps=None, arch_lbr=Fals
         pmu["arch_perfmon"] = None if version == 0 else {
             **caps["arch_perfmon"], "version": version, "gp_counters": gp, "fixed_counters": fixed,
             "fixed_counter_mask": (1 << fixed) - 1}  # fmt: skip
-    return {"source": "/dev/kvm", "cpuid": [], "pmu": pmu, "capabilities": {},
-            "perf_capabilities": perf_caps if perf_caps_listed else None, "perf_capabilities_decoded": None}  # fmt: skip
+    raw = perf_caps if perf_caps_listed else None
+    return {"source": "/dev/kvm", "cpuid": [], "pmu": pmu, "capabilities": {}, "perf_capabilities": raw,
+            "perf_capabilities_decoded": None}  # fmt: skip
 
 
 def kvm_host(dump="GenuineIntel00806F8_SapphireRapids_05_CPUID.txt", host_perf_caps=None, **offer_args):
@@ -231,3 +232,47 @@ def test_bad_offer_name(tmp_path):
     path.write_text('[f]\ndescription = "d"\nneeds = []\noffer = "arch_perfmn"\n')
     with pytest.raises(UsageError, match="unknown offer 'arch_perfmn'"):
         load_rules(path)
+
+
+def test_hybrid_host_is_named_although_kvm_forced_enable_pmu_off():
+    """kvm_init_pmu_capability() sets enable_pmu = false on hybrid CPUs: sysfs reads N, the cause is hybrid."""
+    e = expect(RULES["arch_perfmon"], Context("kvm", host(enable_pmu="N", hybrid=True), PMU_ON))
+    assert e.reason.startswith("kvm-limit: KVM disables the vPMU on hybrid hosts"), e.reason
+    for name in ("arch_lbr", "pebs_adaptive", "pebs_ldlat", "topdown", "legacy_lbr", "pebs"):
+        reason = expect(RULES[name], Context("kvm", host(hybrid=True), LBR_PROFILE)).reason
+        assert reason.startswith("kvm-limit: KVM disables the vPMU on hybrid hosts"), (name, reason)
+
+
+def test_no_call_stack_lbr_means_no_guest_lbr():
+    """Ivy Bridge (model 0x3A, snb LBR select map: no call stack): vmx_get_perf_capabilities() gives no LBR."""
+    facts = kvm_host(SKX, host_perf_caps=SKX_PERF_CAPS, no_offer=True)
+    facts["cpu"]["caps"]["model"] = 0x3A
+    e = expect(RULES["legacy_lbr"], Context("kvm", facts, LBR_PROFILE))
+    assert not e.available and "no call-stack LBR" in e.reason
+
+
+def test_pmu_off_is_not_honoured_on_amd_hosts():
+    """QEMU's pmu=off zeroes leaf 0AH, which only Intel guests use; AMD's legacy counters stay (qemu-limit)."""
+    assert expect(RULES["pmu_off_honoured"], Context("kvm", host(), PMU_OFF)).available
+    e = expect(RULES["pmu_off_honoured"], Context("kvm", host(vendor="AuthenticAMD"), PMU_OFF))
+    assert not e.available and e.reason.startswith("qemu-limit: QEMU's pmu=off does not take an AMD guest")
+
+
+def test_hygon_is_virtualized_like_amd():
+    facts = host(vendor="AuthenticAMD")
+    facts["cpu"]["vendor"] = "HygonGenuine"
+    ctx = Context("kvm", facts, PMU_ON)
+    assert pmu_feature(ctx) == "amd_core_pmu" and expect(RULES["amd_core_pmu"], ctx).available
+
+
+def test_old_host_without_enable_pmu_parameter(tmp_path):
+    """Linux < 5.17 has no kvm.enable_pmu: the vPMU is on (Intel), or kvm_amd.pmu says (AMD)."""
+    from harness.hostfacts import effective_enable_pmu
+
+    (tmp_path / "kvm" / "parameters").mkdir(parents=True)
+    assert effective_enable_pmu(["kvm", "kvm_intel"], tmp_path)[0] == "Y"
+    (tmp_path / "kvm_amd" / "parameters").mkdir(parents=True)
+    (tmp_path / "kvm_amd" / "parameters" / "pmu").write_text("N\n")
+    assert effective_enable_pmu(["kvm", "kvm_amd"], tmp_path) == ("N", "kvm_amd.pmu (kernel before 5.17)")
+    (tmp_path / "kvm" / "parameters" / "enable_pmu").write_text("Y\n")
+    assert effective_enable_pmu(["kvm", "kvm_amd"], tmp_path) == ("Y", "kvm.enable_pmu")
