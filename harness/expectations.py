@@ -189,7 +189,9 @@ def _profile_perf_caps_field(prop: str, what: str) -> Callable[[Context], str | 
 
     def check(ctx: Context) -> str | None:
         props = ctx.cpu.props
-        if props.get("migratable") is False or prop in props:
+        if props.get(prop) in (0, False):
+            return f"profile: {ctx.profile.name} sets {prop}=0, which hides the {what} from the guest"
+        if props.get("migratable") is False or props.get(prop):
             return None
         return (f"profile: {ctx.profile.name} keeps migratable=on without {prop}, so QEMU hides the host's {what} "
                 "in IA32_PERF_CAPABILITIES")  # fmt: skip
@@ -198,11 +200,22 @@ def _profile_perf_caps_field(prop: str, what: str) -> Callable[[Context], str | 
 
 
 def _profile_has(prop: str) -> Callable[[Context], str | None]:
-    """The profile requests ``+prop``, and (once booted) QEMU granted it (qom-get on the paused vCPU)."""
+    """The profile requests ``+prop`` (or ``prop=on``)."""
 
     def check(ctx: Context) -> str | None:
-        if not ctx.cpu.props.get(prop):
-            return f"profile: {ctx.profile.name} does not request +{prop}"
+        return None if ctx.cpu.props.get(prop) else f"profile: {ctx.profile.name} does not request +{prop}"
+
+    return check
+
+
+def _qemu_granted(prop: str) -> Callable[[Context], str | None]:
+    """Once booted, QEMU granted ``prop`` (qom-get on the paused vCPU); before boot (``plan``) it is assumed.
+
+    expect() checks these after the KVM offer, so a feature KVM does not offer is blamed on KVM (the same words
+    before and after boot), and QEMU is named only when KVM offers the feature and QEMU still filtered it.
+    """
+
+    def check(ctx: Context) -> str | None:
         if ctx.granted is not None and ctx.granted.get(prop) is False:
             return f"qemu: QEMU did not grant +{prop} (qom-get reads false; see filtered-features)"
         return None
@@ -246,7 +259,26 @@ def _host_pebs_ept(ctx: Context) -> str | None:
     if pebs_format in PEBS_EPT_FORMATS or (caps.get("family") == 6 and caps.get("model") in PEBS_EPT_BY_MODEL):
         return None
     return (f"host: no PEBS-via-EPT (PEBS format {pebs_format}, model {caps.get('model', '?')}: the perf driver sets "
-            "pebs_ept for PEBS format 5/6 and Ice Lake server only, intel_ds_pebs_init())")  # fmt: skip
+            "pebs_ept for PEBS format 5/6 (intel_ds_pebs_init()) and, by model, Ice Lake server and the Sapphire "
+            "Rapids family (intel_pmu_init()))")  # fmt: skip
+
+
+def _mediated_vm_creatable(ctx: Context) -> str | None:
+    """Under the mediated vPMU an include-guest host perf event blocks VM creation.
+
+    kernel/events/core.c perf_create_mediated_pmu() (mediated vPMU, Linux 7.0) fails with -EBUSY while any
+    !exclude_guest event exists, and KVM calls it when the first vCPU is created (arch/x86/kvm/x86.c
+    kvm_arch_vcpu_precreate()); the NMI watchdog's event (kernel/watchdog_perf.c) does not set exclude_guest.
+    This holds for pmu=off profiles too: only KVM_PMU_CAP_DISABLE spares a VM, and released QEMU does not set it.
+    """
+    if ctx.accel != "kvm" or ctx.host.get("vpmu_mode") != "mediated":
+        return None
+    watchdog = _host_nmi_watchdog_off(ctx)
+    if watchdog is None:
+        return None
+    return (watchdog.replace("host: ", "host: mediated vPMU and ", 1).split(" (echo")[0]
+            + ": KVM cannot create the vCPU (perf_create_mediated_pmu() -EBUSY) (echo 0 > "
+            "/proc/sys/kernel/nmi_watchdog)")  # fmt: skip
 
 
 def _pmu_off_reaches_kvm(ctx: Context) -> str | None:
@@ -287,13 +319,17 @@ CONDITIONS: dict[str, Callable[[Context], str | None]] = {
     "host_pebs_ept": _host_pebs_ept,
     "host_nmi_watchdog_off": _host_nmi_watchdog_off,
     "pmu_off_reaches_kvm": _pmu_off_reaches_kvm,
+    "mediated_vm_creatable": _mediated_vm_creatable,
     "host_ibs": _host_ibs,
     "vpmu_mediated": _vpmu_mediated,
     "vpmu_not_mediated": _vpmu_not_mediated,
     "profile_lbr_fmt_passthrough": _profile_perf_caps_field("lbr-fmt", "LBR format"),
     "profile_pebs_fmt_passthrough": _profile_perf_caps_field("pebs-fmt", "PEBS format"),
+    "profile_perf_metrics_passthrough": _profile_perf_caps_field("perf-metrics", "PERF_METRICS bit"),
     "profile_arch_lbr": _profile_has("arch-lbr"),
     "profile_ibs": _profile_has("ibs"),
+    "qemu_granted_arch_lbr": _qemu_granted("arch-lbr"),
+    "qemu_granted_ibs": _qemu_granted("ibs"),
     **{name: _kvm_limit(name) for name in KVM_LIMITS},
 }
 
@@ -389,6 +425,10 @@ OFFER_ANSWERS = frozenset({
 })  # fmt: skip
 
 
+#: Conditions checked after the offer (what QEMU granted at boot): see _qemu_granted.
+AFTER_OFFER_PREFIX = "qemu_granted_"
+
+
 @dataclass(frozen=True)
 class FeatureRule:
     name: str
@@ -472,6 +512,8 @@ def expect(rule: FeatureRule, ctx: Context) -> Expectation:
     limits = offer_limits(rule, offer)
     overridden: list[str] = []
     for name in rule.needs:
+        if name.startswith(AFTER_OFFER_PREFIX):
+            continue
         reason = CONDITIONS[name](ctx)
         if reason is None:
             continue
@@ -482,6 +524,9 @@ def expect(rule: FeatureRule, ctx: Context) -> Expectation:
     if offered is False:
         note = "kvm_features.toml expects it but the KVM offer does not show it; the offer wins"
         return Expectation(rule.name, False, f"kvm-offer: {fact} ({note})", limits, rule.sources, note)
+    late = first_unmet([name for name in rule.needs if name.startswith(AFTER_OFFER_PREFIX)], ctx)
+    if late is not None:
+        return Expectation(rule.name, False, late, limits, rule.sources)
     note = None
     if overridden:
         note = (f"the KVM offer shows it ({fact}) although kvm_features.toml says '{overridden[0]}' "

@@ -209,11 +209,36 @@ def test_pebs_ept_fallback_without_an_offer(perf_caps, model_ok):
     assert (reason is None) == model_ok, reason
 
 
+ARCH_LBR_PROFILE = Profile("alb", "d", "host,pmu=on,+arch-lbr", None, ("kvm",))
+
+
 def test_qemu_grant_is_part_of_the_expectation():
-    profile = Profile("alb", "d", "host,pmu=on,+arch-lbr", None, ("kvm",))
-    facts = kvm_host()
-    e = expect(RULES["arch_lbr"], Context("kvm", facts, profile, granted={"arch-lbr": False}))
+    """KVM offers arch LBR (a kernel with the series) but QEMU filtered it: QEMU is named."""
+    ctx = Context("kvm", kvm_host(arch_lbr=True), ARCH_LBR_PROFILE, granted={"arch-lbr": False})
+    e = expect(RULES["arch_lbr"], ctx)
     assert not e.available and e.reason.startswith("qemu: QEMU did not grant +arch-lbr"), e.reason
+
+
+def test_kvm_limit_named_the_same_before_and_after_boot():
+    """KVM does not offer arch LBR, so QEMU filters it: the reason blames KVM both in `plan` and in the run."""
+    before = expect(RULES["arch_lbr"], Context("kvm", kvm_host(), ARCH_LBR_PROFILE))
+    after = expect(RULES["arch_lbr"], Context("kvm", kvm_host(), ARCH_LBR_PROFILE, granted={"arch-lbr": False}))
+    assert before.reason == after.reason and before.reason.startswith("kvm-limit: upstream KVM has no guest arch")
+
+
+def test_topdown_needs_perf_metrics_passed_through():
+    """QEMU drops PERF_CAPABILITIES[15] with migratable=on unless +perf-metrics names it (2026 series)."""
+    facts = kvm_host(fixed=4, perf_caps=FW_WRITES | 1 << 15)
+    facts["cpu"]["perf_capabilities"] = {"value": {"perf_metrics": True}, "reason": None}
+    e = expect(RULES["topdown"], Context("kvm", facts, PMU_ON))
+    assert not e.available and "without perf-metrics" in e.reason
+
+
+def test_lbr_fmt_zero_hides_lbr():
+    profile = Profile("l0", "d", "host,pmu=on,lbr-fmt=0", None, ("kvm",))
+    facts = kvm_host(SKX, host_perf_caps=SKX_PERF_CAPS, perf_caps=FW_WRITES | 0x5)
+    e = expect(RULES["legacy_lbr"], Context("kvm", facts, profile))
+    assert not e.available and "sets lbr-fmt=0" in e.reason
 
 
 @pytest.mark.parametrize(("sysctls", "perf", "held"), [
@@ -276,3 +301,13 @@ def test_old_host_without_enable_pmu_parameter(tmp_path):
     assert effective_enable_pmu(["kvm", "kvm_amd"], tmp_path) == ("N", "kvm_amd.pmu (kernel before 5.17)")
     (tmp_path / "kvm" / "parameters" / "enable_pmu").write_text("Y\n")
     assert effective_enable_pmu(["kvm", "kvm_amd"], tmp_path) == ("Y", "kvm.enable_pmu")
+
+
+def test_mediated_host_with_the_nmi_watchdog_cannot_create_a_pmu_vm():
+    facts = {**kvm_host(), "vpmu_mode": "mediated", "sysctls": {"kernel.nmi_watchdog": "1"}}
+    reason = CONDITIONS["mediated_vm_creatable"](Context("kvm", facts, PMU_ON))
+    assert reason.startswith("host: mediated vPMU and nmi_watchdog=1 holds a pinned cycles event"), reason
+    assert reason.endswith("(echo 0 > /proc/sys/kernel/nmi_watchdog)") and "-EBUSY" in reason
+    assert CONDITIONS["mediated_vm_creatable"](Context("kvm", {**facts, "vpmu_mode": "perf-based"}, PMU_ON)) is None
+    assert CONDITIONS["mediated_vm_creatable"](Context("kvm", {**facts, "sysctls": {"kernel.nmi_watchdog": "0"}},
+                                                       PMU_OFF)) is None  # fmt: skip
