@@ -179,6 +179,12 @@ def _vpmu_not_mediated(ctx: Context) -> str | None:
             "mediated vPMU series v6, Dec 2025; the KVM offer's PEBS format answers this where measured)")  # fmt: skip
 
 
+def _vpmu_not_mediated_lbr(ctx: Context) -> str | None:
+    if ctx.host.get("vpmu_mode") != "mediated":
+        return None
+    return "kvm-limit: no guest legacy LBR with the mediated vPMU (vmx_get_perf_capabilities(): no LBR format)"
+
+
 def _profile_perf_caps_field(prop: str, what: str) -> Callable[[Context], str | None]:
     """QEMU passes a PERF_CAPABILITIES field through only with migratable=no or the field's own property.
 
@@ -323,6 +329,7 @@ CONDITIONS: dict[str, Callable[[Context], str | None]] = {
     "host_ibs": _host_ibs,
     "vpmu_mediated": _vpmu_mediated,
     "vpmu_not_mediated": _vpmu_not_mediated,
+    "vpmu_not_mediated_lbr": _vpmu_not_mediated_lbr,
     "profile_lbr_fmt_passthrough": _profile_perf_caps_field("lbr-fmt", "LBR format"),
     "profile_pebs_fmt_passthrough": _profile_perf_caps_field("pebs-fmt", "PEBS format"),
     "profile_perf_metrics_passthrough": _profile_perf_caps_field("perf-metrics", "PERF_METRICS bit"),
@@ -421,7 +428,7 @@ OFFERS: dict[str, Callable[[dict[str, Any]], Offered]] = {
 OFFER_ANSWERS = frozenset({
     "kvm_enable_pmu", "host_pmu", "host_not_hybrid", "host_perf_metrics", "host_legacy_lbr", "host_arch_lbr",
     "host_pebs", "host_pebs_ept", "host_ibs", "vpmu_mediated", "vpmu_not_mediated", "kvm_guest_arch_lbr",
-    "kvm_guest_topdown", "kvm_guest_adaptive_pebs", "kvm_guest_ibs",
+    "kvm_guest_topdown", "kvm_guest_adaptive_pebs", "kvm_guest_ibs", "vpmu_not_mediated_lbr",
 })  # fmt: skip
 
 

@@ -126,7 +126,7 @@ SYSFS_FILES = (
     "cpu/type", "cpu/caps/branches", "cpu/caps/max_precise", "cpu/caps/pmu_name", "cpu/rdpmc",
     "cpu/events/slots", "cpu/events/topdown-retiring", "cpu/events/topdown-bad-spec", "cpu/events/topdown-fe-bound",
     "cpu/events/topdown-be-bound", "cpu/events/mem-loads", "ibs_op/type", "ibs_fetch/type",
-    "ibs_op/caps/zen4_ibs_extensions",
+    "ibs_op/caps/zen4_ibs_extensions", "ibs_op/format/cnt_ctl",
 )  # fmt: skip
 
 

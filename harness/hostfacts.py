@@ -29,6 +29,7 @@ SYSFS_PMUS = Path("/sys/bus/event_source/devices")
 PROC_SYS_KERNEL = Path("/proc/sys/kernel")
 KVM_DEVICE = kvm_offer.KVM_DEVICE
 CPUID_DEVICE = Path("/dev/cpu/0/cpuid")
+SMT_ACTIVE = Path("/sys/devices/system/cpu/smt/active")
 # Module names that provide hardware-assisted KVM for normal guests.
 KVM_VENDOR_MODULES = ("kvm_intel", "kvm_amd")
 # Paravirtual nested KVM (PVM): /dev/kvm works, but only for PVM-aware guest kernels, so a stock distro kernel
@@ -344,11 +345,14 @@ def collect() -> dict[str, Any]:
     model_name = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
     vendor = re.search(r"^vendor_id\s*:\s*(.*)$", cpuinfo, re.M)
     microcode = re.search(r"^microcode\s*:\s*(.*)$", cpuinfo, re.M)
+    smt = _read(SMT_ACTIVE)
     cpu: dict[str, Any] = {
         "model_name": model_name.group(1) if model_name else None,
         "vendor": caps.vendor if caps else (vendor.group(1) if vendor else None),
         "microcode": microcode.group(1) if microcode else None,
         "virt_flags": sorted(flags & {"vmx", "svm", "hypervisor"}),
+        # SMT siblings share TOPDOWN.SLOTS (and, per core, other counters): the topdown width rule reads this.
+        "smt_active": None if smt is None else smt == "1",
         "cpuid_source": table.source if table else "none (no /dev/cpu/0/cpuid access, CPUID not executable)",
         "caps": caps.to_json() if caps else None,
         "perf_capabilities": read_host_perf_capabilities(caps) if caps and caps.vendor == "GenuineIntel" else None,

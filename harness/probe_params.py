@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from harness.guest_view import GuestView
-from harness.verdicts import AMD_EVENTS
+from harness.verdicts import AMD_EVENTS, HELD_BACK_WATCHDOG, host_watchdog_starves
 
 PERF_TYPE_HARDWARE = 0
 PERF_TYPE_RAW = 4
@@ -31,42 +31,58 @@ FIXED_CONFIGS = (0x00C0, 0x003C, 0x0300, 0x0400)
 #: can sit on the fixed counter and the others still cover every GP counter.
 FIXED_CAPABLE = {"instructions": 0, "core_cycles": 1}
 ITERATIONS = 1_000_000  # kvm-unit-tests' N
-SAMPLE_PERIOD = 100_003  # prime, so samples do not alias with the loop
-SAMPLE_REPEATS = 10  # 10 loops of N: ~1e8 instructions -> ~1000 samples, well under perf's default rate limit
+SAMPLE_PERIOD = 100_003  # prime, so samples do not alias with the loop (LBR probe)
+#: arch.pmi_sampling: one PMI per 1,000,003 user instructions (prime) over 20 loops of N (2e8 instructions, ~200
+#: samples). Even at 1e10 instructions/s that is 1e4 PMIs/s = 10 per 1 ms tick, a tenth of the per-tick budget at
+#: perf_event_max_sample_rate=100000 and HZ=1000 (kernel/events/core.c: max_samples_per_tick =
+#: DIV_ROUND_UP(rate, HZ); __perf_event_account_interrupt() throttles at that many PMIs per tick). The budget is
+#: the guest's and, under the perf-based vPMU, the host's too: KVM's backing event is a host sampling event that
+#: the host throttles like any other, invisibly to the guest. The old 100,003 gave 1e5 PMIs/s on a fast core.
+PMI_SAMPLE_PERIOD = 1_000_003
+PMI_SAMPLE_REPEATS = 20
 INVALID_RDPMC_INDEX = 64  # kvm-unit-tests x86/pmu.c: "Expected #GP on RDPMC(64)"
 
 
-def counters_params(view: GuestView) -> dict[str, Any]:
-    """Groups to open: every available event on every GP counter, and each fixed counter alone."""
+def _group(name: str, config: int, copies: int, held_back: int, event_type: int = PERF_TYPE_RAW) -> dict[str, Any]:
+    return {"name": name, "set": "gp", "type": event_type, "config": config, "copies": copies - held_back,
+            "held_back": held_back, "held_back_for": HELD_BACK_WATCHDOG if held_back else ""}  # fmt: skip
+
+
+def counters_params(view: GuestView, host: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Groups to open: every available event on every GP counter, and each fixed counter alone.
+
+    With ``host`` facts, a group that would need the counter the host NMI watchdog holds gets one copy fewer
+    (harness.verdicts.host_watchdog_starves says which); its records carry ``held_back`` and the verdict accepts the
+    one GP counter left unmeasured, saying why.
+    """
     events: list[dict[str, Any]] = []
     perfmon = view.caps.arch_perfmon
+    starves = host_watchdog_starves(view, host or {})
     if perfmon is not None:
         for name, config in ARCH_EVENTS.items():
             if not perfmon.events.get(name):
                 continue
             fixed = FIXED_CAPABLE.get(name)
             extra = 1 if fixed is not None and (perfmon.fixed_counter_mask >> fixed) & 1 else 0
-            events.append({"name": name, "set": "gp", "type": PERF_TYPE_RAW, "config": config,
-                           "copies": perfmon.gp_counters + extra})  # fmt: skip
+            copies = perfmon.gp_counters + extra
+            events.append(_group(name, config, copies, 1 if starves(name, copies) else 0))
         for index, config in enumerate(FIXED_CONFIGS):
             if (perfmon.fixed_counter_mask >> index) & 1:
-                events.append({"name": f"fixed{index}", "set": "fixed", "type": PERF_TYPE_RAW, "config": config,
-                               "copies": 1})  # fmt: skip
+                events.append({**_group(f"fixed{index}", config, 1, 0), "set": "fixed"})
     elif view.amd and view.cpuid_pmu:
         assert view.caps.amd is not None
         for name, config in AMD_EVENTS.items():
-            events.append({"name": name, "set": "gp", "type": PERF_TYPE_RAW, "config": config,
-                           "copies": view.caps.amd.core_counters})  # fmt: skip
+            copies = view.caps.amd.core_counters
+            events.append(_group(name, config, copies, 1 if starves(name, copies) else 0))
     else:
         # No PMU enumerated: still try the generic event once, so the run records the kernel's own answer.
-        events.append({"name": "instructions", "set": "gp", "type": PERF_TYPE_HARDWARE,
-                       "config": PERF_COUNT_HW_INSTRUCTIONS, "copies": 1})  # fmt: skip
+        events.append(_group("instructions", PERF_COUNT_HW_INSTRUCTIONS, 1, 0, PERF_TYPE_HARDWARE))
     return {
         "iterations": ITERATIONS,
         "events": events,
         "invalid_rdpmc_index": INVALID_RDPMC_INDEX,
-        "sample_period": SAMPLE_PERIOD,
-        "sample_repeats": SAMPLE_REPEATS,
+        "sample_period": PMI_SAMPLE_PERIOD,
+        "sample_repeats": PMI_SAMPLE_REPEATS,
     }
 
 
@@ -112,6 +128,11 @@ LDLAT = 30
 PEBS_PERIOD = 10_007  # prime (reference §4c)
 IBS_PERIOD = 0x10000  # a multiple of 16 (arch/x86/events/amd/ibs.c rejects a low nibble)
 IBS_OP_CNT_CTL = 1 << 19  # ibs_op format "cnt_ctl" = config:19: count dispatched ops, not cycles
+#: The guest kernel's sysfs file for cnt_ctl. arch/x86/events/amd/ibs.c perf_ibs_op_init() adds IBS_OP_CNT_CTL to
+#: the op PMU's config_mask only when ibs_caps has IBS_CAPS_OPCNT (CPUID 8000001BH EAX[4]), and cnt_ctl_is_visible()
+#: shows format/cnt_ctl under the same condition; perf_ibs_init() rejects config bits outside config_mask with
+#: EINVAL. So the file's presence is the guest kernel's own answer to "may bit 19 be set".
+IBS_CNT_CTL_FORMAT = "ibs_op/format/cnt_ctl"
 
 
 def topdown_params() -> dict[str, Any]:
@@ -130,6 +151,8 @@ def pebs_params(max_precise: int) -> dict[str, Any]:
 
 
 def ibs_params(sysfs: dict[str, str]) -> dict[str, Any]:
+    """IBS op counts dispatched ops (cnt_ctl) only where the guest kernel offers cnt_ctl, else cycles (config 0)."""
+    op_config = IBS_OP_CNT_CTL if IBS_CNT_CTL_FORMAT in sysfs else 0
     return {"iterations": ITERATIONS, "max_samples": 200, "period": IBS_PERIOD,
-            "op_type": int(sysfs["ibs_op/type"]), "op_config": IBS_OP_CNT_CTL,
+            "op_type": int(sysfs["ibs_op/type"]), "op_config": op_config,
             "fetch_type": int(sysfs["ibs_fetch/type"])}  # fmt: skip

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from harness import coexist
 from harness.loads import LoadResult, LoadSpec
+from harness.verdicts import OvercountErrata
 from tests.test_verdicts import EXPECTED, INSNS, amd_kvm_guest_view, count, gp_group, intel_kvm_guest_view
 
 HW = LoadSpec("host-counting-guest", "d", ("perf", "stat", "-a", "-e", "cycles:GH"), counts_guest=True)
@@ -89,3 +90,24 @@ def test_guest_multiplexing():
     assert coexist.guest_multiplexing(EXPECTED, view, gp_group("instructions", INSNS)).status == "pass"
     v = coexist.guest_multiplexing(EXPECTED, view, gp_group("instructions", INSNS, running=500))
     assert v.status == "fail" and "ran 50%" in v.reason
+
+
+def test_canary_uses_only_the_instructions_erratum():
+    """Clearwater Forest (0xDD) overcounts instructions (kvm-unit-tests lib/x86/pmu.c, commit 3ffdf39c): the canary
+    accepts ">=" there; a branches-only erratum set does not relax it."""
+    records = gp_group("instructions", INSNS + 4)
+    cwf = OvercountErrata(instructions=True)
+    assert coexist.canary(EXPECTED, intel_kvm_guest_view(), records, None, running(), EXITS, cwf).status == "pass"
+    branches_only = OvercountErrata(branches=True)
+    v = coexist.canary(EXPECTED, intel_kvm_guest_view(), records, None, running(), EXITS, branches_only)
+    assert v.status == "fail" and "counter 0x0" in v.reason
+
+
+def test_canary_with_a_copy_held_back_for_the_host_watchdog():
+    """A default AMD host holds one core counter for its NMI watchdog: the probe opens 5 copies; the canary judges
+    the 5 it has (a sixth copy would have stopped silently and failed here)."""
+    view = amd_kvm_guest_view()
+    amd = replace(EXPECTED, feature="amd_core_pmu")
+    records = [count("instructions", i, i, INSNS, copies=5, held_back=1) for i in range(5)]
+    v = coexist.canary(amd, view, records, None, running(), EXITS)
+    assert v.status == "pass" and "on 5 counters" in v.reason and "nmi_watchdog" in v.reason

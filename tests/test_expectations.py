@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from harness.caps import decode_caps
@@ -311,3 +314,36 @@ def test_mediated_host_with_the_nmi_watchdog_cannot_create_a_pmu_vm():
     assert CONDITIONS["mediated_vm_creatable"](Context("kvm", {**facts, "vpmu_mode": "perf-based"}, PMU_ON)) is None
     assert CONDITIONS["mediated_vm_creatable"](Context("kvm", {**facts, "sysctls": {"kernel.nmi_watchdog": "0"}},
                                                        PMU_OFF)) is None  # fmt: skip
+
+
+# --- the shipped representative hosts (tests/data/hosts, built from real CPUID dumps and KVM's rules) ---------
+HOSTS_DIR = Path(__file__).parent / "data" / "hosts"
+PASSTHROUGH = Profile("pt", "d", "host,pmu=on,migratable=no", None, ("kvm",))
+
+
+def host_file(name: str) -> dict:
+    return json.loads((HOSTS_DIR / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize(("name", "rule", "available", "reason"), [
+    ("spr-perf-based", "arch_perfmon", True, "expected: Intel architectural PMU"),
+    ("spr-perf-based", "pebs", True, "expected: Intel PEBS"),
+    ("spr-perf-based", "pebs_ldlat", False, "kvm-limit: KVM disallows adaptive PEBS"),
+    ("spr-perf-based", "legacy_lbr", False, "kvm-limit: KVM gives no guest LBR on arch-LBR hosts"),
+    ("spr-perf-based", "topdown", False, "kvm-limit: needs the mediated vPMU"),
+    ("spr-mediated", "pebs", False, "kvm-limit: no guest PEBS with the mediated vPMU"),
+    ("spr-mediated", "topdown", False, "kvm-limit: guest fixed counter 3"),
+    ("icx", "legacy_lbr", True, "expected: Intel legacy LBR"),
+    ("icx", "pebs", True, "expected: Intel PEBS"),
+    ("skl", "legacy_lbr", True, "expected: Intel legacy LBR"),
+    ("skl", "pebs", False, "host: no PEBS-via-EPT"),
+    ("adl-hybrid", "arch_perfmon", False, "kvm-limit: KVM disables the vPMU on hybrid hosts"),
+    ("genoa-perf-based", "amd_core_pmu", True, "expected: AMD core performance counters"),
+    ("genoa-mediated", "amd_core_pmu", True, "expected: AMD core performance counters"),
+    ("rome", "amd_core_pmu", True, "expected: AMD core performance counters"),
+    ("spr-ignore-msrs", "pmu_msrs_fault", False, "host: kvm.ignore_msrs=Y"),
+])  # fmt: skip
+def test_representative_hosts(name, rule, available, reason):
+    """What each shipped host's KVM offer (and the table where the offer is silent) makes of the main rules."""
+    e = expect(RULES[rule], Context("kvm", host_file(name), PASSTHROUGH))
+    assert (e.available, e.reason[: len(reason)]) == (available, reason), e.reason

@@ -13,7 +13,7 @@ from harness import feature_verdicts as fv
 from harness.caps import ArchLbr
 from harness.expectations import Expectation
 from harness.guest_view import MsrRead
-from harness.probe_params import TOPDOWN_METRICS, lbr_params
+from harness.probe_params import IBS_OP_CNT_CTL, TOPDOWN_METRICS, ibs_params, lbr_params
 from harness.probes import PROBES_DIR, ProbeBuilder
 from tests.test_verdicts import amd_kvm_guest_view, intel_kvm_guest_view
 
@@ -47,20 +47,41 @@ def topdown_view():
     return with_perf_caps(view, 0x2000 | (1 << 15), **{"cpu/events/slots": "event=0x00,umask=0x4"})
 
 
-def topdown(workload, slots, retiring, bad, fe, be, cycles, raw=0x30101ABC, signal=0):
+def topdown(workload, slots, retiring, bad, fe, be, cycles, raw=0xE60A030C, signal=0):
+    """A topdown record as the probe prints it. ``raw`` is PERF_METRICS as RDPMC(1<<29) returns it: bytes 0-3 are
+    retiring, bad speculation, frontend, backend and sum to 0xff (tools/perf/Documentation/topdown.txt); the default
+    0x0c + 0x03 + 0x0a + 0xe6 = 0xff is a backend-bound split."""
     return {"probe": "topdown", "kind": "topdown", "workload": workload, "slots": slots, "retiring": retiring,
             "bad_spec": bad, "fe_bound": fe, "be_bound": be, "cycles": cycles, "rdpmc_metrics_signal": signal,
             "rdpmc_metrics": raw}  # fmt: skip
 
 
-GOOD_TOPDOWN = [topdown("alu", 4_000_000, 3_200_000, 100_000, 300_000, 400_000, 1_000_000, raw=0x1A1306CC),
-                topdown("chase", 4_000_000, 200_000, 50_000, 150_000, 3_600_000, 1_000_000)]  # fmt: skip
+def topology(siblings="0"):
+    return {"probe": "topdown", "kind": "topology", "cpu": 0, "thread_siblings": siblings}
+
+
+#: Sapphire Rapids (the guest view's CPU model 06_8FH) is 6 wide: 6 slots per unhalted cycle without SMT sharing.
+GOOD_TOPDOWN = [topology(), topdown("alu", 6_000_000, 4_800_000, 150_000, 450_000, 600_000, 1_000_000, raw=0x1A1306CC),
+                topdown("chase", 6_000_000, 300_000, 75_000, 225_000, 5_400_000, 1_000_000)]  # fmt: skip
+
+
+def alu_ratio(ratio, siblings="0"):
+    slots = int(ratio * 1_000_000)
+    return [topology(siblings), topdown("alu", slots, slots * 8 // 10, 0, 0, slots - slots * 8 // 10, 1_000_000)]
 
 
 def test_topdown_factory_matches_the_template():
     # metric values are printed under the names the template is rendered with (probe_params.TOPDOWN_METRICS)
     metric_names = {name for name, _config in TOPDOWN_METRICS}
-    assert set(GOOD_TOPDOWN[0]) == template_keys("topdown", "topdown", ("event",)) | {"probe", "kind"} | metric_names
+    keys = template_keys("topdown", "topdown", ("event", "read_bytes"))
+    assert set(GOOD_TOPDOWN[1]) == keys | {"probe", "kind"} | metric_names
+    assert set(topology()) == template_keys("topdown", "topology") | {"probe", "kind"}
+
+
+def test_topdown_fixture_metrics_sum_to_0xff():
+    for record in GOOD_TOPDOWN[1:]:
+        raw = record["rdpmc_metrics"]
+        assert sum((raw >> (8 * i)) & 0xFF for i in range(4)) == 0xFF
 
 
 def test_topdown_enumeration():
@@ -72,18 +93,56 @@ def test_topdown_enumeration():
     assert v.status == "fail" and "without fixed counter 3" in v.reason
 
 
-def test_topdown_metrics_width_and_shapes():
+def test_topdown_metrics_and_shapes():
     view = topdown_view()
     assert fv.topdown_metrics(ON, view, GOOD_TOPDOWN).status == "pass"
-    assert fv.topdown_width(ON, view, GOOD_TOPDOWN).status == "pass"  # 4 slots per cycle
+    assert fv.topdown_width(ON, view, GOOD_TOPDOWN).status == "pass"  # 6 slots per cycle on a 6-wide core
     assert fv.topdown_workloads(ON, view, GOOD_TOPDOWN).status == "pass"
-    off_sum = [topdown("alu", 4_000_000, 3_200_000, 100_000, 300_000, 600_000, 1_000_000), GOOD_TOPDOWN[1]]
+    off_sum = [topdown("alu", 4_000_000, 3_200_000, 100_000, 300_000, 600_000, 1_000_000), GOOD_TOPDOWN[2]]
     v = fv.topdown_metrics(ON, view, off_sum)
     assert v.status == "fail" and "sum to 4,200,000" in v.reason
-    narrow = [topdown("alu", 4_000_000, 3_200_000, 100_000, 300_000, 400_000, 2_000_000), GOOD_TOPDOWN[1]]
-    assert fv.topdown_width(ON, view, narrow).status == "fail"  # 2 slots per cycle
-    wrong = [GOOD_TOPDOWN[0], topdown("chase", 4_000_000, 3_000_000, 0, 0, 1_000_000, 1_000_000)]
+    wrong = [GOOD_TOPDOWN[1], topdown("chase", 4_000_000, 3_000_000, 0, 0, 1_000_000, 1_000_000)]
     assert "backend bound 25%" in fv.topdown_workloads(ON, view, wrong).reason
+
+
+def test_topdown_width_follows_the_core_and_smt():
+    """TOPDOWN.SLOTS is distributed among the unhalted SMT threads of a core: with the sibling busy a thread sees
+    about width/2 per cycle, never more than the width."""
+    view = topdown_view()
+    assert fv.topdown_width(ON, view, alu_ratio(6.1)).status == "pass"
+    v = fv.topdown_width(ON, view, alu_ratio(3.1))  # a busy sibling on the host core: the guest cannot tell
+    assert v.status == "skip" and v.reason.startswith("host:") and "between 6/2 and 6" in v.reason
+    assert v.observed["host_smt_active"] is None and v.observed["guest_thread_siblings"] == "0"
+    no_smt_host = {"cpu": {"smt_active": False}}
+    v = fv.topdown_width(ON, view, alu_ratio(3.1), no_smt_host)
+    assert v.status == "fail" and "without SMT" in v.reason
+    assert "exceeds the core's width 6" in fv.topdown_width(ON, view, alu_ratio(7.0)).reason
+    assert "below half the pipeline width" in fv.topdown_width(ON, view, alu_ratio(2.0)).reason
+    assert fv.topdown_width(ON, view, alu_ratio(3.1, siblings="0-1")).observed["guest_smt_sibling"] is True
+
+
+def test_topdown_width_uses_the_host_model_first():
+    """A guest running a named CPU model still counts the host core's slots: Ice Lake-SP is 5 wide."""
+    icx_host = {"cpu": {"caps": {"vendor": "GenuineIntel", "family": 6, "model": 0x6A}}}
+    v = fv.topdown_width(ON, topdown_view(), alu_ratio(5.0), icx_host)
+    assert v.status == "pass" and v.observed["width"] == 5 and v.observed["width_source"].startswith("host")
+    unknown = {"cpu": {"caps": {"vendor": "GenuineIntel", "family": 6, "model": 0x01}}}
+    view = replace(topdown_view(), caps=replace(topdown_view().caps, model=0x02))
+    v = fv.topdown_width(ON, view, alu_ratio(4.0), unknown)
+    assert v.status == "pass" and "only the loose bound" in v.reason
+    assert fv.topdown_width(ON, view, alu_ratio(9.0), unknown).status == "fail"
+
+
+def test_topdown_read_error_is_not_a_stale_errno():
+    """read() of the group returning 0 or a short count is EIO with the byte count, not whatever errno held."""
+    source = (PROBES_DIR / "topdown.c.j2").read_text()
+    assert "errno ? errno : EIO" not in source
+    assert "got < 0" in source and 'rec_i64("read_bytes", got)' in source
+    short = {"probe": "topdown", "kind": "topdown", "workload": "alu", "error": "read", "errno": 5,
+             "strerror": "Input/output error", "read_bytes": 0, "cycles": 0, "rdpmc_metrics_signal": -1,
+             "rdpmc_metrics": 0}  # fmt: skip
+    v = fv.topdown_metrics(ON, topdown_view(), [short])
+    assert v.status == "fail" and "EIO" in v.reason
 
 
 def test_topdown_rdpmc():
@@ -102,7 +161,17 @@ def test_topdown_skips_when_not_expected():
 # --- LBR ----------------------------------------------------------------------------------------------------
 
 TEXT = (0x401000, 0x480000)
+#: The probe's workload as gcc -O2 lays it out (objdump of the compiled lbr probe): f3 = nop; nop; nop; ret,
+#: f2 = call f3; ret, f1 = call f2; ret, and vpmu_chain's loop = call f1; add; cmp; jne.
 F3, F2, F1 = 0x401890, 0x4018A0, 0x4018B0
+CHAIN_CALL, CHAIN_JNE = 0x401910, 0x40191C  # call vpmu_f1 (5 bytes: returns to CHAIN_CALL + 5); jne back to it
+
+
+def one_iteration():
+    """The 7 branches of one loop iteration, newest first, each [from, to, flags] with FROM = the branch
+    instruction itself (SDM Vol. 3B "Last Branch Recording": the from address is the branch's linear address)."""
+    return [[F2, F3, 0], [F1, F2, 0], [CHAIN_CALL, F1, 0], [CHAIN_JNE, CHAIN_CALL, 0], [F1 + 5, CHAIN_CALL + 5, 0],
+            [F2 + 5, F1 + 5, 0], [F3 + 3, F2 + 5, 0]]  # fmt: skip
 
 
 def lbr_view(depth=32):
@@ -117,21 +186,25 @@ def branch_sample(mode, ip, entries):
     return {"probe": "lbr", "kind": "branch_sample", "mode": mode, "ip": ip, "nr": len(entries), "entries": entries}
 
 
-def branch_mode(mode, samples, max_nr, lost=0):
-    return {"probe": "lbr", "kind": "branch_mode", "mode": mode, "samples": samples, "lost": lost, "throttle": 0,
-            "other_records": 0, "max_nr": max_nr}  # fmt: skip
+def branch_mode(mode, samples, max_nr, lost=0, throttled=0):
+    return {"probe": "lbr", "kind": "branch_mode", "mode": mode, "samples": samples, "lost": lost,
+            "throttle": throttled, "other_records": 0, "throttled": throttled, "unthrottled": throttled,
+            "max_nr": max_nr}  # fmt: skip
+
+
+RING_KEYS = {"samples", "lost", "throttle", "other_records"}  # rec_ring_stats (_common.h.j2)
+THROTTLE_KEYS = {"throttled", "unthrottled"}  # rec_throttle_stats (_common.h.j2)
 
 
 def test_lbr_factories_match_the_template():
     assert set(layout()) == template_keys("lbr", "layout") | {"probe", "kind"}
     assert set(branch_sample("any", 1, [])) == template_keys("lbr", "branch_sample") | {"probe", "kind"}
     mode = branch_mode("any", 1, 1)
-    assert set(mode) == template_keys("lbr", "branch_mode") | {"probe", "kind"} | {"samples", "lost", "throttle",
-                                                                                  "other_records"}  # fmt: skip
+    assert set(mode) == template_keys("lbr", "branch_mode") | {"probe", "kind"} | RING_KEYS | THROTTLE_KEYS
 
 
 def any_records(extra_entry=None, max_nr=32):
-    entries = [[F1 + 5, F2, 0], [F2 + 5, F3, 0], [F3 + 3, F2 + 5, 0]] * 10 + [[F1 + 5, F2, 0], [F2 + 5, F3, 0]]
+    entries = (one_iteration() * 5)[:32]
     if extra_entry:
         entries[0] = extra_entry
     return [layout(), branch_mode("any", 1, max_nr), branch_sample("any", F3, entries)]
@@ -151,16 +224,24 @@ def test_lbr_enumeration():
 def test_lbr_records():
     view = lbr_view()
     assert fv.lbr_records(ON, view, any_records()).status == "pass"
-    v = fv.lbr_records(ON, view, any_records(extra_entry=[0xFFFFFFFF81000000, F1, 0]))
-    assert v.status == "fail" and "kernel-space addresses" in v.reason
+    v = fv.lbr_records(ON, view, any_records(extra_entry=[F1, 0xFFFFFFFF81000000, 0]))
+    assert v.status == "fail" and "kernel-space branch targets" in v.reason
     v = fv.lbr_records(ON, view, any_records(extra_entry=[0x7F0000001000, F1, 0]))
     assert v.status == "fail" and "outside the probe's text" in v.reason
     v = fv.lbr_records(ON, view, any_records(max_nr=16))
     assert v.status == "fail" and "!= enumerated depth 32" in v.reason
 
 
+def test_lbr_user_filter_is_by_target():
+    """PERF_SAMPLE_BRANCH_USER keeps branches whose target is in user space, so the return from an interrupt
+    (kernel iret -> the interrupted user IP) is a legitimate entry of a USER-only stack."""
+    iret = [0xFFFFFFFF81E00A5B, F3 + 1, 0]
+    v = fv.lbr_records(ON, lbr_view(), any_records(extra_entry=iret))
+    assert v.status == "pass" and v.observed["kernel_to_user_returns"] == 1
+
+
 def test_lbr_call_stack():
-    chain = [[F2 + 5 - 5, F3, 0], [F1, F2, 0], [0x401900, F1, 0]]
+    chain = one_iteration()[:3]  # the open calls: f2 -> f3, f1 -> f2, chain -> f1
     records = [layout(), branch_mode("call_stack", 2, 3), branch_sample("call_stack", F3 + 1, chain),
                branch_sample("call_stack", F3 + 2, chain)]  # fmt: skip
     assert fv.lbr_call_stack(ON, lbr_view(), records).status == "pass"
@@ -190,16 +271,31 @@ def pebs_view(fmt=4, max_precise=3, baseline=False):
     return view
 
 
-def precise(level, samples, at_load, at_next=0, exact=None, lost=0):
+def precise(level, samples, at_load, at_next=0, exact=None, lost=0, throttled=0):
     return {"probe": "pebs", "kind": "precise", "precise_ip": level, "config": 0x81D0, "samples": samples,
-            "lost": lost, "throttle": 0, "other_records": 0, "iterations": 1_000_000, "period": 10_007,
+            "lost": lost, "throttle": throttled, "other_records": 0, "throttled": throttled,
+            "unthrottled": throttled, "iterations": 1_000_000, "period": 10_007,
             "exact": samples if exact is None else exact, "at_load": at_load, "at_next": at_next,
             "in_loop": samples - at_load - at_next, "outside": 0}  # fmt: skip
 
 
+def sampling_setup(probe="pebs"):
+    """The record vpmu_prepare_sampling() (_common.h.j2) prints before any sampling event is opened."""
+    return {"probe": probe, "kind": "sampling_setup", "perf_cpu_time_max_percent": 0,
+            "perf_event_max_sample_rate": 100000}  # fmt: skip
+
+
 def test_pebs_factory_matches_the_template():
     keys = template_keys("pebs", "precise") - {"addr_in_buffer", "weight_ge_ldlat"}
-    assert set(precise(1, 1, 1)) == keys | {"probe", "kind", "samples", "lost", "throttle", "other_records"}
+    assert set(precise(1, 1, 1)) == keys | {"probe", "kind"} | RING_KEYS | THROTTLE_KEYS
+
+
+def test_pebs_probe_keeps_large_pebs():
+    """intel_pmu_hw_config() (arch/x86/events/intel/core.c) drops auto-reload and large PEBS for
+    wakeup_events without watermark: the probe wakes by watermark and prepares the sampling sysctls first."""
+    source = (PROBES_DIR / "pebs.c.j2").read_text()
+    assert "wakeup_events" not in source.split("*/", 1)[1] and ".watermark = 1" in source
+    assert source.index("vpmu_prepare_sampling();") < source.index("workload_buffer(ITERATIONS)")
 
 
 def test_pebs_enumeration():
@@ -210,15 +306,44 @@ def test_pebs_enumeration():
 
 
 def test_pebs_precise_levels():
-    view = pebs_view(fmt=4)
+    """Format >= 4 without baseline (every KVM guest): basic records only, the eventing IP with EXACT at every
+    level. With baseline, precise_ip=1 adds the GP group and reports gprs->ip, after the load. Format <= 3:
+    precise_ip=1 is pebs->ip (after the load), >= 2 pebs->real_ip (format >= 2) or the LBR fixup (format < 2)."""
     n = 1_000_000 // 10_007
-    assert fv.pebs_precise(ON, view, [precise(1, n, n)], 1).status == "pass"  # fmt4: the load itself at every level
-    assert fv.pebs_precise(ON, view, [precise(2, n, n - 5, 5)], 2).status == "fail"
-    assert fv.pebs_precise(ON, view, [precise(2, n, n, exact=n - 1)], 2).status == "fail"  # EXACT_IP missing
+    kvm = pebs_view(fmt=4)
+    for level in (1, 2, 3):
+        assert fv.pebs_precise(ON, kvm, [precise(level, n, n)], level).status == "pass"
+    v = fv.pebs_precise(ON, kvm, [precise(1, n, 0, n, exact=0)], 1)  # off-by-1 on a baseline-less format 4: wrong
+    assert v.status == "fail" and "IPs at the load" in v.reason
+    assert fv.pebs_precise(ON, kvm, [precise(2, n, n - 5, 5)], 2).status == "fail"
+    assert fv.pebs_precise(ON, kvm, [precise(2, n, n, exact=n - 1)], 2).status == "fail"  # EXACT_IP missing
+    adaptive = pebs_view(fmt=5, baseline=True)
+    assert fv.pebs_precise(ON, adaptive, [precise(1, n, 0, n, exact=0)], 1).status == "pass"
+    assert fv.pebs_precise(ON, adaptive, [precise(2, n, n)], 2).status == "pass"
     legacy = pebs_view(fmt=3)
     assert fv.pebs_precise(ON, legacy, [precise(1, n, 0, n, exact=0)], 1).status == "pass"  # trap-like: next IP
+    assert fv.pebs_precise(ON, legacy, [precise(1, n, n)], 1).status == "fail"
+    fmt1 = pebs_view(fmt=1)  # precise_ip >= 2 through the LBR fixup, which may not succeed for every record
+    assert fv.pebs_precise(ON, fmt1, [precise(2, n, n - 3, 3, exact=n - 3)], 2).status == "pass"
     assert fv.pebs_precise(ON, pebs_view(max_precise=2), [], 3).status == "skip"
-    assert fv.pebs_precise(ON, view, [precise(1, n + 3, n + 3)], 1).status == "fail"
+    assert fv.pebs_precise(ON, kvm, [precise(2, n + 3, n + 3)], 2).status == "fail"
+
+
+def test_pebs_ip_model():
+    assert [fv.pebs_ip_model(4, False, level) for level in (1, 2, 3)] == ["load"] * 3
+    assert [fv.pebs_ip_model(4, True, level) for level in (1, 2, 3)] == ["next", "load", "load"]
+    assert [fv.pebs_ip_model(3, False, level) for level in (1, 2)] == ["next", "load"]
+    assert fv.pebs_ip_model(1, False, 2) == "fixup"
+
+
+def test_pebs_throttled_is_a_skip_not_a_fail():
+    view = pebs_view(fmt=4)
+    records = [sampling_setup(), precise(2, 40, 40, throttled=1)]  # 40 of 99 samples: the event was throttled
+    v = fv.pebs_precise(ON, view, records, 2)
+    assert v.status == "skip" and v.reason.startswith("guest kernel throttled sampling: 1 PERF_RECORD_THROTTLE")
+    assert "perf_cpu_time_max_percent=0" in v.reason and "__perf_event_account_interrupt" in v.reason
+    lost = fv.pebs_precise(ON, view, [precise(2, 99, 99, lost=1)], 2)
+    assert lost.status == "fail" and "1 lost records" in lost.reason
 
 
 def test_adaptive_pebs_stays_hidden():
@@ -228,41 +353,97 @@ def test_adaptive_pebs_stays_hidden():
     assert v.status == "fail" and "PEBS baseline" in v.reason
 
 
+def ldlat(samples=50, addr_in_buffer=50, weight_ge=50, throttled=0):
+    return {"probe": "pebs", "kind": "ldlat", "precise_ip": 2, "config": 0x1CD, "samples": samples, "lost": 0,
+            "throttle": throttled, "other_records": 0, "throttled": throttled, "unthrottled": throttled,
+            "iterations": 1_000_000, "period": 10_007, "exact": samples, "at_load": samples, "at_next": 0,
+            "in_loop": 0, "outside": 0, "addr_in_buffer": addr_in_buffer, "weight_ge_ldlat": weight_ge}  # fmt: skip
+
+
 def test_pebs_ldlat():
-    record = {"probe": "pebs", "kind": "ldlat", "precise_ip": 2, "config": 0x1CD, "samples": 50, "lost": 0,
-              "throttle": 0, "other_records": 0, "iterations": 1, "period": 1, "exact": 50, "at_load": 50,
-              "at_next": 0, "in_loop": 0, "outside": 0, "addr_in_buffer": 50, "weight_ge_ldlat": 50}  # fmt: skip
-    assert fv.pebs_ldlat(ON, pebs_view(), [record], 30).status == "pass"
-    assert fv.pebs_ldlat(ON, pebs_view(), [{**record, "addr_in_buffer": 49}], 30).status == "fail"
+    adaptive = pebs_view(fmt=4, baseline=True)
+    assert set(ldlat()) == template_keys("pebs", "ldlat") | {"probe", "kind"} | RING_KEYS | THROTTLE_KEYS
+    assert fv.pebs_ldlat(ON, adaptive, [ldlat()], 30).status == "pass"
+    assert fv.pebs_ldlat(ON, adaptive, [ldlat(addr_in_buffer=40)], 30).status == "fail"
+    assert fv.pebs_ldlat(ON, adaptive, [ldlat(weight_ge=40)], 30).status == "fail"
+    assert fv.pebs_ldlat(ON, pebs_view(fmt=3), [ldlat(addr_in_buffer=40)], 30).status == "fail"  # pebs->dla path
     enxio = {"probe": "pebs", "kind": "ldlat", "precise_ip": 2, "config": 0x1CD, "error": "perf_event_open",
              "errno": 6, "strerror": "No such device or address"}  # fmt: skip
-    assert "ENXIO" in fv.pebs_ldlat(ON, pebs_view(), [enxio], 30).reason
+    assert "ENXIO" in fv.pebs_ldlat(ON, adaptive, [enxio], 30).reason
+    assert fv.pebs_ldlat(ON, adaptive, [sampling_setup(), ldlat(0, 0, 0, throttled=2)], 30).status == "skip"
+    assert fv.pebs_ldlat(ON, adaptive, [ldlat(0, 0, 0)], 30).reason == "no load-latency samples"
+
+
+def test_pebs_ldlat_without_baseline_is_not_a_fail():
+    """Format >= 4 without PEBS baseline: intel_ds_init() "Only basic record supported", and the adaptive path takes
+    the data address and latency only from MEMINFO, so the samples carry neither (perf zero-fills them)."""
+    kvm = pebs_view(fmt=4, baseline=False)
+    v = fv.pebs_ldlat(ON, kvm, [ldlat(addr_in_buffer=0, weight_ge=0)], 30)
+    assert v.status == "skip" and v.reason.startswith("not-enumerated: PEBS baseline") and "MEMINFO" in v.reason
+    assert fv.pebs_ldlat(ON, kvm, [ldlat()], 30).status == "pass"
 
 
 # --- IBS ----------------------------------------------------------------------------------------------------
 
 LOOP = (0x401100, 0x401123)
+GENOA_IBS_CAPS = 0xBFF  # CPUID 8000001BH EAX of the Genoa dump (bit 10 OPDATA4 clear)
+IBS_OP_MAX_CNT = 0x1000  # IbsOpCtl[15:0] = period >> 4 for the probe's 0x10000
+IBS_OP_ENABLE = 1 << 17
 
 
-def ibs_view():
-    return replace(amd_kvm_guest_view(), sysfs={"ibs_op/type": "11", "ibs_fetch/type": "10"})
+def ibs_view(cnt_ctl=True):
+    sysfs = {"ibs_op/type": "11", "ibs_fetch/type": "10"}
+    if cnt_ctl:
+        sysfs["ibs_op/format/cnt_ctl"] = "config:19"
+    return replace(amd_kvm_guest_view(), sysfs=sysfs)
 
 
-def ibs_records(pmu, val=True, inside=True, ip_matches=True, n=20):
-    ctl = fv.IBS_OP_VAL if pmu == "ibs_op" else fv.IBS_FETCH_VAL
+def ibs_regs(pmu, caps=GENOA_IBS_CAPS, val=True, address=LOOP[0] + 8, op_data=0):
+    """The u64 registers perf_ibs_handle_irq() (arch/x86/events/amd/ibs.c) puts in PERF_SAMPLE_RAW for caps:
+    op: IbsOpCtl, IbsOpRip, IbsOpData, IbsOpData2, IbsOpData3, IbsDcLinAd, IbsDcPhysAd[, IbsBrTarget][, IbsOpData4];
+    fetch: IbsFetchCtl, IbsFetchLinAd, IbsFetchPhysAd[, IbsFetchExtdCtl]."""
+    if pmu == "ibs_op":
+        ctl = IBS_OP_MAX_CNT | IBS_OP_ENABLE | (fv.IBS_OP_VAL if val else 0)
+        regs = [ctl, address, op_data, 0, 0x31960092, 0x7F0000100040, 0x8A5398920]
+        if caps & fv.IBS_CAPS_BRNTRGT:
+            regs.append(0)
+        if caps & fv.IBS_CAPS_OPDATA4:
+            regs.append(0)
+        return regs
+    regs = [(fv.IBS_FETCH_VAL if val else 0) | (1 << 48) | 0x1000, address, 0x8A5391100]
+    if caps & fv.IBS_CAPS_FETCHCTLEXTD:
+        regs.append(0)
+    return regs
+
+
+def ibs_mode(pmu, n, mode="task", task_errno=0, foreign=0, throttled=0):
+    return {"probe": "ibs", "kind": "ibs_mode", "pmu": pmu, "mode": mode, "config": IBS_OP_CNT_CTL,
+            "task_errno": task_errno, "samples": n + foreign, "lost": 0, "throttle": throttled,
+            "other_records": 0, "throttled": throttled, "unthrottled": throttled, "own_samples": n,
+            "foreign_samples": foreign, "loop_start": LOOP[0], "loop_end": LOOP[1], "buffer": 0,
+            "buffer_end": 1}  # fmt: skip
+
+
+def ibs_records(pmu, val=True, inside=True, ip_matches=True, n=20, **mode):
     address = LOOP[0] + 8 if inside else 0x500000
     samples = [{"probe": "ibs", "kind": "ibs_sample", "pmu": pmu, "ip": address if ip_matches else address + 4,
-                "caps": 0xBFF, "regs": [ctl if val else 0, address, 0, 0, 0, 0, 0]} for _ in range(n)]  # fmt: skip
-    mode = {"probe": "ibs", "kind": "ibs_mode", "pmu": pmu, "samples": n, "lost": 0, "throttle": 0,
-            "other_records": 0, "loop_start": LOOP[0], "loop_end": LOOP[1], "buffer": 0, "buffer_end": 1}  # fmt: skip
-    return [mode, *samples]
+                "caps": GENOA_IBS_CAPS, "regs": ibs_regs(pmu, val=val, address=address)} for _ in range(n)]  # fmt: skip
+    return [ibs_mode(pmu, n, **mode), *samples]
 
 
 def test_ibs_factories_match_the_template():
     sample, mode = ibs_records("ibs_op")[1], ibs_records("ibs_op")[0]
     assert set(sample) == template_keys("ibs", "ibs_sample") | {"probe", "kind"}
-    assert set(mode) == template_keys("ibs", "ibs_mode") | {"probe", "kind", "samples", "lost", "throttle",
-                                                             "other_records"}  # fmt: skip
+    assert set(mode) == template_keys("ibs", "ibs_mode", ("error", "errno", "strerror")) | {"probe", "kind"} | \
+        RING_KEYS | THROTTLE_KEYS  # fmt: skip
+
+
+def test_ibs_raw_payload_size_follows_caps():
+    """Genoa's 0xBFF has IBS_CAPS_BRNTRGT and FETCHCTLEXTD but not OPDATA4: 8 op and 4 fetch registers."""
+    assert fv.ibs_raw_regs("ibs_op", GENOA_IBS_CAPS) == 8 == len(ibs_regs("ibs_op"))
+    assert fv.ibs_raw_regs("ibs_fetch", GENOA_IBS_CAPS) == 4 == len(ibs_regs("ibs_fetch"))
+    assert fv.ibs_raw_regs("ibs_op", GENOA_IBS_CAPS | fv.IBS_CAPS_OPDATA4) == 9
+    assert fv.ibs_raw_regs("ibs_op", 0x7) == 7 and fv.ibs_raw_regs("ibs_fetch", 0x7) == 3  # IBS_CAPS_DEFAULT
 
 
 def test_ibs_enumeration():
@@ -275,12 +456,44 @@ def test_ibs_enumeration():
 @pytest.mark.parametrize("pmu", ["ibs_op", "ibs_fetch"])
 def test_ibs_sampling(pmu):
     view = ibs_view()
-    assert fv.ibs_sampling(ON, view, ibs_records(pmu), pmu).status == "pass"
+    v = fv.ibs_sampling(ON, view, ibs_records(pmu), pmu)
+    assert v.status == "pass" and v.observed["raw_size_unexpected"] == 0
     assert "without the Val bit" in fv.ibs_sampling(ON, view, ibs_records(pmu, val=False), pmu).reason
     assert "inside the loop" in fv.ibs_sampling(ON, view, ibs_records(pmu, inside=False), pmu).reason
-    if pmu == "ibs_op":
-        assert "differs from IbsOpRip" in fv.ibs_sampling(ON, view, ibs_records(pmu, ip_matches=False), pmu).reason
+    register = "IbsOpRip" if pmu == "ibs_op" else "IbsFetchLinAd"
+    assert f"differs from {register}" in fv.ibs_sampling(ON, view, ibs_records(pmu, ip_matches=False), pmu).reason
     assert fv.ibs_sampling(OFF, view, [], pmu).status == "skip"
+
+
+@pytest.mark.parametrize("pmu", ["ibs_op", "ibs_fetch"])
+def test_ibs_on_a_pre_6_2_guest_kernel(pmu):
+    """Debian 12's 6.1 kernel has no per-task IBS (perf_invalid_context until "perf/amd/ibs: Make IBS a core pmu",
+    6.2): the probe falls back to CPU-wide with its TID, and other threads' samples are left out."""
+    records = ibs_records(pmu, mode="cpu", task_errno=22, foreign=7)
+    v = fv.ibs_sampling(ON, ibs_view(), records, pmu)
+    assert v.status == "pass" and "cpu mode" in v.reason and v.observed["foreign_samples"] == 7
+    failed = {"probe": "ibs", "kind": "ibs_mode", "pmu": pmu, "mode": "cpu", "config": 0, "task_errno": 22,
+              "error": "perf_event_open", "errno": 13, "strerror": "Permission denied"}  # fmt: skip
+    v = fv.ibs_sampling(ON, ibs_view(), [failed], pmu)
+    assert v.status == "fail" and "cpu mode: EACCES" in v.reason and "per-task open: EINVAL" in v.reason
+
+
+def test_ibs_rip_invalid_samples_are_not_judged():
+    """With IBS_CAPS_RIPINVALIDCHK and IbsOpData.RipInvalid the kernel keeps the interrupted IP (no EXACT) and
+    IbsOpRip means nothing: such samples count neither for nor against the loop."""
+    records = ibs_records("ibs_op", n=19)
+    bad_rip = {"probe": "ibs", "kind": "ibs_sample", "pmu": "ibs_op", "ip": 0x401500, "caps": GENOA_IBS_CAPS,
+               "regs": ibs_regs("ibs_op", address=0, op_data=fv.IBS_RIP_INVALID)}  # fmt: skip
+    v = fv.ibs_sampling(ON, ibs_view(), [*records, bad_rip], "ibs_op")
+    assert v.status == "pass" and v.observed["rip_invalid"] == 1 and v.observed["judged"] == 19
+    no_check = {**bad_rip, "caps": GENOA_IBS_CAPS & ~fv.IBS_CAPS_RIPINVALIDCHK}  # RipInvalid not honoured
+    assert fv.ibs_sampling(ON, ibs_view(), [*records, no_check], "ibs_op").observed["rip_invalid"] == 0
+
+
+def test_ibs_cnt_ctl_only_where_the_guest_kernel_offers_it():
+    """perf_ibs_op_init() accepts config bit 19 only with IBS_CAPS_OPCNT, which is also when format/cnt_ctl shows."""
+    assert ibs_params(ibs_view(cnt_ctl=True).sysfs)["op_config"] == IBS_OP_CNT_CTL
+    assert ibs_params(ibs_view(cnt_ctl=False).sysfs)["op_config"] == 0
 
 
 def test_lbr_entries_checked_against_the_probe_binary(tmp_path):

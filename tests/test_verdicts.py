@@ -82,13 +82,18 @@ def count(
     running: int = 1000,
     value_n: int | None = None,
     tsc: int = 50 * N,
+    copies: int = 9,
+    held_back: int = 0,
 ) -> dict:
-    """A counters-probe "count" record (keys as emitted by group_event in counters.c.j2)."""
-    return {"probe": "counters", "kind": "count", "set": set_name, "event": event, "config": 0xC0, "copies": 9,
-            "member": member, "iterations": N, "rdpmc_index": index,
-            "value_n": value_0 + delta if value_n is None else value_n, "value_0": value_0,
+    """A counters-probe "count" record (keys as emitted by group_event in counters.c.j2): the user-page RDPMC of the
+    member lies between the two group reads around it, as on a healthy PMU (each read adds a few user instructions)."""
+    value = value_0 + delta if value_n is None else value_n
+    return {"probe": "counters", "kind": "count", "set": set_name, "event": event, "config": 0xC0, "copies": copies,
+            "held_back": held_back, "held_back_for": verdicts.HELD_BACK_WATCHDOG if held_back else "",
+            "member": member, "iterations": N, "rdpmc_index": index, "value_n": value, "value_0": value_0,
             "enabled_n": 1000, "running_n": running, "enabled_0": 900, "running_0": 900,
-            "rdpmc_n": value_0 + delta + 40, "offset_n": 0, "pmc_width": 48, "tsc_n": tsc}  # fmt: skip
+            "rdpmc_n": value + 40 + 90 * member, "rdpmc_signal": 0, "read_before_rdpmc": value + 20 + 90 * member,
+            "read_after_rdpmc": value + 60 + 90 * member, "offset_n": 0, "pmc_width": 48, "tsc_n": tsc}  # fmt: skip
 
 
 def gp_group(event: str, delta: int, counters: int = 8, fixed_index: int | None = 0, **kw) -> list[dict]:
@@ -101,9 +106,10 @@ def gp_group(event: str, delta: int, counters: int = 8, fixed_index: int | None 
 def test_factories_emit_the_probe_keys():
     """count() produces exactly the keys group_event() in counters.c.j2 prints for a measured member."""
     source = (PROBES_DIR / "counters.c.j2").read_text()
+    head = source[source.index("static void rec_group_head") : source.index("static void group_event")]
     body = source[source.index("static void group_event") : source.index("/* An event that is opened but never")]
     per_member = body[body.index("for (int i = 0; i < n; i++) {") :]  # the loop that prints measured members
-    keys = set(re.findall(r'rec_(?:u64|i64|str)\("(\w+)"', per_member)) | {"probe", "kind"}
+    keys = set(re.findall(r'rec_(?:u64|i64|str)\("(\w+)"', head + per_member)) | {"probe", "kind"}
     assert set(count("instructions", 0, 0, INSNS)) == keys
 
 
@@ -113,7 +119,7 @@ def test_factories_emit_the_probe_keys():
 def test_instructions_exact_on_every_gp_counter_passes():
     v = verdicts.gp_event(EXPECTED, intel_kvm_guest_view(), gp_group("instructions", INSNS), "instructions")
     assert v.status == "pass", v.reason
-    assert v.observed == {f"gp{i}": INSNS for i in range(8)}
+    assert v.observed == {**{f"gp{i}": INSNS for i in range(8)}, "fixed0": INSNS}
 
 
 def test_instructions_off_by_one_fails_naming_the_counter():
@@ -189,6 +195,136 @@ def test_atom_errata_relaxes_exactness():
     assert verdicts.gp_event(EXPECTED, intel_kvm_guest_view(), records, "instructions").status == "fail"
 
 
+def model_view(model: int) -> GuestView:
+    view = intel_kvm_guest_view()
+    return replace(view, caps=replace(view.caps, model=model))
+
+
+def test_clearwater_forest_overcounts_instructions_only():
+    """kvm-unit-tests lib/x86/pmu.c pmu_detect_intel_overcount_errata() (commit 3ffdf39c) and KVM selftests
+    get_pmu_errata(): 0xDD sets only instructions_retired_overcount; 0xAF/0x4D/0x5F/0x86 set both."""
+    cwf = verdicts.overcount_errata(model_view(0xDD).caps)
+    assert cwf == verdicts.OvercountErrata(instructions=True, branches=False)
+    for model in (0xAF, 0x4D, 0x5F, 0x86):
+        assert verdicts.overcount_errata(model_view(model).caps) == verdicts.OvercountErrata(True, True)
+    assert verdicts.overcount_errata(intel_kvm_guest_view().caps) == verdicts.NO_ERRATA
+    assert verdicts.overcount_errata(amd_kvm_guest_view().caps) == verdicts.NO_ERRATA
+    view = model_view(0xDD)
+    over_insns = gp_group("instructions", INSNS + 3)
+    over_branches = gp_group("branch_instructions", N + 3, fixed_index=None)
+    assert verdicts.gp_event(EXPECTED, view, over_insns, "instructions", cwf).status == "pass"
+    v = verdicts.gp_event(EXPECTED, view, over_branches, "branch_instructions", cwf)
+    assert v.status == "fail" and "exact: one jnz per iteration" in v.reason
+
+
+def test_errata_follow_the_host_silicon_under_a_named_cpu_model():
+    """An erratum is the hardware's: a SapphireRapids-model guest on a Sierra Forest host still overcounts."""
+    host_caps = {"vendor": "GenuineIntel", "family": 6, "model": 0xAF}
+    assert verdicts.overcount_errata(intel_kvm_guest_view().caps, host_caps) == verdicts.OvercountErrata(True, True)
+
+
+def test_exact_global_ctrl_splits_the_errata():
+    record = {"probe": "msr", "kind": "enabled", "iterations": N, "instructions_n": 5003 + INSNS,
+              "instructions_0": 5000, "branches_n": 301 + N, "branches_0": 300, "fixed0_n": 5002 + INSNS,
+              "fixed0_0": 5000, "global_ctrl": 1}  # fmt: skip
+    cwf = verdicts.OvercountErrata(instructions=True)
+    v = verdicts.exact_global_ctrl(EXPECTED, model_view(0xDD), [record], cwf)
+    assert v.status == "fail" and "PMC1" in v.reason and "PMC0" not in v.reason and "FIXED_CTR0" not in v.reason
+    both = verdicts.OvercountErrata(True, True)
+    assert verdicts.exact_global_ctrl(EXPECTED, model_view(0xAF), [record], both).status == "pass"
+
+
+def test_fixed_counter_0_uses_the_instructions_erratum_only():
+    record = count("fixed0", 0, FIXED | 0, INSNS + 2, set_name="fixed")
+    cwf = verdicts.OvercountErrata(instructions=True)
+    assert verdicts.fixed_counter(EXPECTED, model_view(0xDD), [record], 0, cwf).status == "pass"
+    assert verdicts.fixed_counter(EXPECTED, model_view(0xDD), [record], 0).status == "fail"
+
+
+def test_no_user_page_index_judges_values_without_placement():
+    """perf publishes index 0 when user RDPMC is off (x86_pmu_event_idx()): values are still judged."""
+    records = gp_group("instructions", INSNS)
+    for r in records:
+        r["rdpmc_index"] = -1
+    v = verdicts.gp_event(EXPECTED, intel_kvm_guest_view(), records, "instructions")
+    assert v.status == "pass" and "placement unknown" in v.reason
+    records[4]["value_n"] += 1
+    assert verdicts.gp_event(EXPECTED, intel_kvm_guest_view(), records, "instructions").status == "fail"
+
+
+def test_ref_cycles_on_fixed_counter_2_leaves_one_gp_counter_unmeasured():
+    """Regression: Golden Cove and later guests on Linux >= 6.7 ("perf/x86/intel: Extend the ref-cycles event to GP
+    counters", FIXED_EVENT_CONSTRAINT(0x013c, 2)) put one of the 8 copies of 0x013C on fixed counter 2, and perf
+    prefers a free fixed counter: GP7 gets no copy. That was a false "GP7: no member"."""
+    view = intel_kvm_guest_view()
+    tsc = dict(value_n=900_000, tsc=1_000_000, copies=8)
+    records = [count("ref_cycles", i, i, 0, **tsc) for i in range(7)] + [count("ref_cycles", 7, FIXED | 2, 0, **tsc)]
+    v = verdicts.gp_event(EXPECTED, view, records, "ref_cycles")
+    assert v.status == "pass", v.reason
+    assert "7 of 8 GP counters and fixed counter 2" in v.reason
+    assert "GP7 not measured: a copy landed on fixed counter 2" in v.reason
+    assert v.observed["fixed2"] == 900_000
+    # the member on the fixed counter is judged like the others
+    records[7] = count("ref_cycles", 7, FIXED | 2, 0, value_n=2_000_000, tsc=1_000_000, copies=8)
+    v = verdicts.gp_event(EXPECTED, view, records, "ref_cycles")
+    assert v.status == "fail" and "fixed 2: ref-cycles 2,000,000" in v.reason
+
+
+def test_a_member_on_another_events_fixed_counter_fails():
+    view = intel_kvm_guest_view()
+    records = [count("ref_cycles", i, i, 0, value_n=900_000, tsc=1_000_000, copies=8) for i in range(7)]
+    records.append(count("ref_cycles", 7, FIXED | 1, 0, value_n=900_000, tsc=1_000_000, copies=8))
+    v = verdicts.gp_event(EXPECTED, view, records, "ref_cycles")
+    assert v.status == "fail" and "member 7: on fixed counter 1, which does not count ref_cycles" in v.reason
+
+
+def test_fixed_counter_copy_with_an_extra_copy_must_still_cover_every_gp_counter():
+    """instructions gets gp_counters + 1 copies, so a copy on fixed counter 0 excuses no GP counter."""
+    records = [r for r in gp_group("instructions", INSNS) if r["rdpmc_index"] != 6]
+    records.append(count("instructions", 6, 5, INSNS))  # two members on GP5, none on GP6
+    v = verdicts.gp_event(EXPECTED, intel_kvm_guest_view(), records, "instructions")
+    assert v.status == "fail" and "GP5: members 5 and 6 both on it" in v.reason and "GP6: no group member" in v.reason
+
+
+def test_held_back_copy_for_the_host_watchdog_is_accepted_and_named():
+    """A default AMD host (nmi_watchdog=1, perf-based vPMU): the watchdog holds one of the 6 core counters, so the
+    probe opens 5 copies and says so; the sixth guest counter is unmeasured, with the reason, not a FAIL."""
+    view = amd_kvm_guest_view()
+    amd = replace(EXPECTED, feature="amd_core_pmu")
+    host = {"vpmu_mode": "perf-based", "sysctls": {"kernel.nmi_watchdog": "1"}}
+    records = [count("instructions", i, i, INSNS, copies=5, held_back=1) for i in range(5)]
+    v = verdicts.gp_event(amd, view, records, "instructions", host=host)
+    assert v.status == "pass", v.reason
+    assert "GP5 not measured: host: nmi_watchdog=1 takes a host counter" in v.reason
+    assert "echo 0 > /proc/sys/kernel/nmi_watchdog" in v.reason
+    unexplained = [count("instructions", i, i, INSNS, copies=5) for i in range(5)]
+    assert verdicts.gp_event(amd, view, unexplained, "instructions").status == "fail"
+
+
+def test_watchdog_decides_which_groups_hold_a_copy_back():
+    """Intel: the watchdog's cycles event sits on host FC1, so only the cycles group that also uses guest FC1
+    (gp + 1 copies) runs short; AMD: every group using all core counters. Mediated: nothing (the host counters are
+    switched out at VM-entry, and the watchdog blocks a mediated vCPU altogether)."""
+    from harness.probe_params import counters_params
+
+    watchdog = {"vpmu_mode": "perf-based", "sysctls": {"kernel.nmi_watchdog": "1"}}
+
+    def groups(view: GuestView, host: dict) -> dict[str, tuple[int, int]]:
+        return {e["name"]: (e["copies"], e["held_back"]) for e in counters_params(view, host)["events"]}
+
+    intel = groups(intel_kvm_guest_view(), watchdog)
+    assert intel["core_cycles"] == (8, 1) and intel["instructions"] == (9, 0) and intel["ref_cycles"] == (8, 0)
+    amd = groups(amd_kvm_guest_view(), watchdog)
+    assert set(amd.values()) == {(5, 1)}
+    for host in ({**watchdog, "vpmu_mode": "mediated"}, {**watchdog, "sysctls": {"kernel.nmi_watchdog": "0"}},
+                 {"vpmu_mode": "perf-based", "perf": {"nmi_watchdog": "0"}}, {}):  # fmt: skip
+        assert all(e["held_back"] == 0 for e in counters_params(amd_kvm_guest_view(), host)["events"])
+    old_host_file = {"vpmu_mode": "perf-based", "perf": {"nmi_watchdog": "1"}}  # before the sysctls key
+    assert all(e["held_back"] == 1 for e in counters_params(amd_kvm_guest_view(), old_host_file)["events"])
+    roomy = {**watchdog, "cpu": {"caps": {"arch_perfmon": {"gp_counters": 10, "fixed_counters": 3}}}}
+    assert all(e["held_back"] == 0 for e in counters_params(intel_kvm_guest_view(), roomy)["events"])
+
+
 # --- fixed counters ------------------------------------------------------------------------------------------
 
 
@@ -243,6 +379,48 @@ def test_full_width_write_above_width_must_fault():
     assert v.status == "fail" and "must #GP" in v.reason
 
 
+IGNORE_MSRS = Expectation("pmu_msrs_fault", False, "host: kvm.ignore_msrs=Y (KVM swallows the #GP)")
+
+
+def bounds_record(msr: int, value: int | None = None) -> dict:
+    """An msr-probe "bounds" record: rec_msr_op() with the value, or the EIO of a #GP."""
+    record = {"probe": "msr", "kind": "bounds", "op": "rdmsr", "msr": msr}
+    if value is None:
+        record.update(error="rdmsr", errno=errno.EIO, strerror="Input/output error")
+    else:
+        record["value"] = value
+    return record
+
+
+def test_msr_bounds_is_gated_on_ignore_msrs():
+    """Regression: with kvm.ignore_msrs=Y, kvm_do_msr_access() turns KVM_MSR_RET_UNSUPPORTED into a read of 0, so
+    MSRs beyond the counters read as 0 on a healthy host; gate like enum.pmu_msrs_fault."""
+    view = intel_kvm_guest_view()
+    zeros = [bounds_record(0xC9, 0), bounds_record(0x18E, 0)]
+    v = verdicts.msr_bounds(EXPECTED, view, zeros, IGNORE_MSRS)
+    assert v.status == "skip" and v.reason == IGNORE_MSRS.reason
+    faults = Expectation("pmu_msrs_fault", True, "expected")
+    assert verdicts.msr_bounds(EXPECTED, view, zeros, faults).status == "fail"
+    gp = [bounds_record(0xC9), bounds_record(0x18E)]
+    assert verdicts.msr_bounds(EXPECTED, view, gp, faults).status == "pass"
+
+
+def test_msr_bounds_probe_never_reads_an_msr_kvm_answers_without_a_pmu():
+    """Regression: on a legacy AMD guest (no PerfCtrExtCore) SEL(4) = 0xC0010004 is PerfCtr0 itself, readable: a
+    false FAIL. The probe reads the PerfCtrExtCore pair instead, which KVM #GPs without that CPUID bit."""
+    from harness.probe_params import msr_params
+    from harness.probes import ProbeBuilder
+
+    view = amd_kvm_guest_view()
+    legacy = replace(view, caps=replace(view.caps, amd=replace(view.caps.amd, perfctr_core=False, perfmon_v2=False,
+                                                               core_counters=4)))  # fmt: skip
+    source = ProbeBuilder().render("msr", msr_params(legacy))
+    bounds = source[source.index("static void bounds") : source.index("static void rdpmc_vs_rdmsr")]
+    assert "{ 0xC0010201, 0xC0010200 }" in bounds and "SEL(NCTR)" not in bounds
+    compat = set(range(0xC0010000, 0xC0010008)) | {0xC1, 0xC2, 0x186, 0x187}  # kvm_get_msr_common() compat reads
+    assert not {0xC0010201, 0xC0010200} & compat
+
+
 def test_disabled_counters():
     counters = [{"probe": "counters", "kind": "disabled", "value": 0, "enabled": 0, "running": 0}]
     msr = [{"probe": "msr", "kind": "disabled_sel", "instructions": 0, "branches": 0, "fixed0": 0},
@@ -253,10 +431,12 @@ def test_disabled_counters():
     assert v.status == "fail" and "GLOBAL_CTRL bit clear" in v.reason
 
 
-def rdpmc_records(mismatch: bool = False, invalid_signal: int = signal.SIGSEGV) -> tuple[list[dict], list[dict]]:
+def rdpmc_records(
+    mismatch: bool = False, invalid_signal: int = signal.SIGSEGV, beyond: int = 8
+) -> tuple[list[dict], list[dict]]:
     msr = [{"probe": "msr", "kind": "rdpmc", "index": i, "rdmsr": 0x12345600 + i, "signal": 0,
             "rdpmc": 0x12345600 + i + (1 if mismatch and i == 2 else 0)} for i in range(8)]  # fmt: skip
-    msr.append({"probe": "msr", "kind": "rdpmc_beyond", "index": 8, "signal": invalid_signal, "rdpmc": 0})
+    msr.append({"probe": "msr", "kind": "rdpmc_beyond", "index": beyond, "signal": invalid_signal, "rdpmc": 0})
     counters = [{"probe": "counters", "kind": "rdpmc_invalid", "index": 64, "signal": invalid_signal,
                  "user_rdpmc": 1}, *gp_group("instructions", INSNS)]  # fmt: skip
     return counters, msr
@@ -269,6 +449,78 @@ def test_rdpmc_checks():
     assert v.status == "fail" and "RDPMC(0x2)" in v.reason
     v = verdicts.rdpmc(EXPECTED, view, *rdpmc_records(invalid_signal=0))
     assert v.status == "fail" and "did not #GP" in v.reason
+
+
+def bracketed(member: int, index: int, read_before: int, rdpmc_count: int, read_after: int) -> dict:
+    """A member whose user-page RDPMC came after ``member`` others: the probe reads the group, RDPMCs, reads again
+    (offset 0, 48-bit counter: the RDPMC value is the count itself)."""
+    record = count("instructions", member, index, INSNS)
+    record.update(read_before_rdpmc=read_before, rdpmc_n=rdpmc_count, read_after_rdpmc=read_after)
+    return record
+
+
+def test_user_page_rdpmc_is_judged_between_the_reads_around_it():
+    """Regression: the old rule wanted RDPMC - value_n <= 2000 although member i's RDPMC came after i calls of
+    rdpmc_safe (sigaction + sigsetjmp, ~400 user instructions each): member 7 of 8 was a false FAIL. Now each RDPMC
+    is bracketed by two group reads, however far from value_n it is."""
+    view = intel_kvm_guest_view()
+    counters_, msr = rdpmc_records()
+    value_n = counters_[1]["value_n"]
+    far = [bracketed(i, i, value_n + 450 * i, value_n + 450 * i + 35, value_n + 450 * i + 70) for i in range(8)]
+    assert far[7]["rdpmc_n"] - value_n > 2000
+    assert verdicts.rdpmc(EXPECTED, view, [counters_[0], *far], msr).status == "pass"
+    early = bracketed(3, 3, value_n + 1000, value_n + 999, value_n + 1070)  # RDPMC below the read before it
+    v = verdicts.rdpmc(EXPECTED, view, [counters_[0], early], msr)
+    assert v.status == "fail" and "= 10,002,233, outside the reads around it [10,002,234, 10,002,304]" in v.reason
+    faulted = bracketed(2, 2, value_n, 0, value_n + 70) | {"rdpmc_signal": signal.SIGSEGV, "rdpmc_n": 2**64 - 1}
+    v = verdicts.rdpmc(EXPECTED, view, [counters_[0], faulted], msr)
+    assert v.status == "fail" and "raised SIGSEGV" in v.reason
+
+
+def test_user_page_rdpmc_of_old_records_keeps_only_the_lower_bound():
+    """Records from the probe before bracketing (no read_before/after): only RDPMC >= read() is decidable."""
+    view = intel_kvm_guest_view()
+    counters_, msr = rdpmc_records()
+    old = [{k: v for k, v in r.items() if k not in ("read_before_rdpmc", "read_after_rdpmc", "rdpmc_signal")}
+           for r in counters_[1:]]  # fmt: skip
+    old[7]["rdpmc_n"] = old[7]["value_n"] + 3_200
+    assert verdicts.rdpmc(EXPECTED, view, [counters_[0], *old], msr).status == "pass"
+    old[7]["rdpmc_n"] = old[7]["value_n"] - 1
+    assert verdicts.rdpmc(EXPECTED, view, [counters_[0], *old], msr).status == "fail"
+
+
+def test_user_page_index_sign_extension():
+    """perf_event_mmap_page: count = offset + (pmc sign-extended to pmc_width). A counter preset to -period shows
+    a negative raw value that the offset compensates."""
+    view = intel_kvm_guest_view()
+    counters_, msr = rdpmc_records()
+    record = bracketed(0, 0, 5_000, 0, 5_100)
+    record.update(rdpmc_n=(1 << 48) - 100, offset_n=5_150)  # raw -100 + 5150 = 5050
+    assert verdicts.rdpmc(EXPECTED, view, [counters_[0], record], msr).status == "pass"
+
+
+def test_rdpmc_beyond_on_amd_under_the_mediated_vpmu_is_not_required_to_fault():
+    """With RDPMC passed through (kvm_need_rdpmc_intercept() false: guest counters match the host's), AMD hardware
+    answers RDPMC(6..15) from the Data Fabric / L3 counters (arch/x86/events/amd/uncore.c RDPMC_BASE_NB = 6,
+    RDPMC_BASE_LLC = 10); under the perf-based vPMU KVM's amd_check_rdpmc_early() must still #GP it."""
+    view = amd_kvm_guest_view()
+    amd = replace(EXPECTED, feature="amd_core_pmu")
+    counters_, msr = rdpmc_records(beyond=6)
+    msr = [r for r in msr if r["kind"] != "rdpmc" or r["index"] < 6]
+    msr[-1] = {"probe": "msr", "kind": "rdpmc_beyond", "index": 6, "signal": 0, "rdpmc": 0x1234}
+    counters_ = [counters_[0], *gp_group("instructions", INSNS, counters=6, fixed_index=None)]
+    v = verdicts.rdpmc(amd, view, counters_, msr, "mediated")
+    assert v.status == "pass" and "RDPMC(6) not judged" in v.reason
+    v = verdicts.rdpmc(amd, view, counters_, msr, "perf-based")
+    assert v.status == "fail" and "RDPMC(0x6) of an invalid index did not #GP" in v.reason
+
+
+def test_rdpmc_without_user_rdpmc_is_an_error_not_a_fail():
+    """cap_user_rdpmc=0 (guest sysfs rdpmc=0): CR4.PCE is clear and every RDPMC faults, whatever KVM does."""
+    counters_, msr = rdpmc_records()
+    counters_[0]["user_rdpmc"] = 0
+    v = verdicts.rdpmc(EXPECTED, intel_kvm_guest_view(), counters_, msr)
+    assert v.status == "error" and "cap_user_rdpmc=0" in v.reason
 
 
 def test_exact_global_ctrl():
@@ -296,22 +548,94 @@ def test_overflow_without_perfmon_v2_skips_on_amd():
     assert v.status == "skip" and "PerfMonV2" in v.reason
 
 
-def sampling(samples: int, lost: int = 0, pmi: int | None = None) -> dict:
-    count_ = 10 * INSNS + 300
-    return {"probe": "counters", "kind": "sampling", "period": 100_003, "iterations": 10 * N, "count": count_,
-            "samples": samples, "in_loop": samples, "lost": lost, "throttle": 0, "other_records": 0,
-            "pmi_before": 10, "pmi_after": 10 + (samples if pmi is None else pmi), "loop_start": 4096,
-            "loop_end": 4131}  # fmt: skip
+PERIOD = 1_000_003  # harness.probe_params.PMI_SAMPLE_PERIOD
+SAMPLED_LOOPS = 20
+
+
+def sampling(samples: int, lost: int = 0, pmi: int | None = None, throttled: int = 0, elapsed_ns: int = 80_000_000,
+             **kw) -> dict:  # fmt: skip
+    """A counters-probe "sampling" record (keys as sampling() in counters.c.j2 prints them after a good run)."""
+    count_ = SAMPLED_LOOPS * INSNS + 300
+    return {"probe": "counters", "kind": "sampling", "period": PERIOD, "iterations": SAMPLED_LOOPS * N,
+            "count": count_, "samples": samples, "lost": lost, "throttle": throttled, "other_records": 0,
+            "throttled": throttled, "unthrottled": throttled, "in_loop": samples, "pmi_before": 10,
+            "pmi_after": 10 + (samples if pmi is None else pmi), "elapsed_ns": elapsed_ns, "loop_start": 4096,
+            "loop_end": 4131, **kw}  # fmt: skip
+
+
+def sampling_setup(percent: int | None = 0, rate: int | None = 100_000, err: int | None = None) -> dict:
+    """The "sampling_setup" record vpmu_prepare_sampling() (_common.h.j2) prints before any sampling."""
+    record = {"probe": "counters", "kind": "sampling_setup", "perf_cpu_time_max_percent": percent,
+              "perf_event_max_sample_rate": rate}  # fmt: skip
+    if err is not None:
+        record["errno"] = err
+    return record
+
+
+EXPECTED_SAMPLES = (SAMPLED_LOOPS * INSNS + 300) // PERIOD
+
+
+def test_sampling_factories_emit_the_probe_keys():
+    """sampling() and sampling_setup() carry exactly the keys the probe prints (rec_ring_stats and
+    rec_throttle_stats included), so the verdict is tested on the real format."""
+    common = (PROBES_DIR / "_common.h.j2").read_text()
+    source = (PROBES_DIR / "counters.c.j2").read_text()
+    body = source[source.index("static void sampling(void)") : source.index("int main(")]
+    ring = common[common.index("static __attribute__((unused)) void rec_ring_stats") :]
+    keys = set(re.findall(r'rec_(?:u64|i64|str|sysctl)\("(\w+)"', body + ring.split("/* --- sampling pre")[0]))
+    assert set(sampling(5)) == keys | {"probe", "kind"}
+    prepare = common[common.index("static __attribute__((unused)) void vpmu_prepare_sampling") :]
+    setup_keys = set(re.findall(r'rec_(?:u64|i64|str|sysctl)\("(\w+)"', prepare))
+    assert set(sampling_setup(err=13)) == setup_keys | {"probe", "kind"}
 
 
 def test_pmi_sampling():
-    expected_n = (10 * INSNS + 300) // 100_003
     view = intel_kvm_guest_view()
-    assert verdicts.pmi_sampling(EXPECTED, view, [sampling(expected_n)]).status == "pass"
-    assert verdicts.pmi_sampling(EXPECTED, view, [sampling(expected_n + 3)]).status == "fail"
-    assert verdicts.pmi_sampling(EXPECTED, view, [sampling(expected_n, lost=1)]).status == "fail"
-    v = verdicts.pmi_sampling(EXPECTED, view, [sampling(expected_n, pmi=expected_n - 10)])
+    assert verdicts.pmi_sampling(EXPECTED, view, [sampling(EXPECTED_SAMPLES)]).status == "pass"
+    assert verdicts.pmi_sampling(EXPECTED, view, [sampling(EXPECTED_SAMPLES + 3)]).status == "fail"
+    assert verdicts.pmi_sampling(EXPECTED, view, [sampling(EXPECTED_SAMPLES, lost=1)]).status == "fail"
+    v = verdicts.pmi_sampling(EXPECTED, view, [sampling(EXPECTED_SAMPLES, pmi=EXPECTED_SAMPLES - 10)])
     assert v.status == "fail" and "PMI count rose" in v.reason
+
+
+def test_guest_throttling_is_a_skip_never_a_lost_sample_fail():
+    """kernel/events/core.c __perf_event_account_interrupt() stops the event for the rest of the tick and logs
+    PERF_RECORD_THROTTLE (then UNTHROTTLE at the next tick): samples go missing, and that is not a PMI-path bug."""
+    view = intel_kvm_guest_view()
+    records = [sampling_setup(percent=25, err=errno.EINVAL), sampling(EXPECTED_SAMPLES - 40, throttled=3)]
+    v = verdicts.pmi_sampling(EXPECTED, view, records)
+    assert v.status == "skip"
+    assert v.reason.startswith("guest kernel throttled sampling: 3 PERF_RECORD_THROTTLE records")
+    assert "__perf_event_account_interrupt" in v.reason and "perf_cpu_time_max_percent=25" in v.reason
+    assert "EINVAL" in v.reason
+    # records from before the "throttled" key (the ring walker's "throttle" count) are read the same way
+    old = {k: val for k, val in sampling(EXPECTED_SAMPLES - 40, throttled=2).items() if k not in ("throttled",)}
+    assert verdicts.pmi_sampling(EXPECTED, view, [old]).status == "skip"
+
+
+def test_host_throttling_of_the_backing_event_is_a_skip():
+    """Under the perf-based vPMU a shortfall while the guest's PMI rate is near the host's perf_event_max_sample_rate
+    is the host throttling KVM's backing event, not a guest PMI bug."""
+    view = intel_kvm_guest_view()
+    short = sampling(EXPECTED_SAMPLES - 30, pmi=EXPECTED_SAMPLES - 30, count=SAMPLED_LOOPS * INSNS - 5_000_000,
+                     elapsed_ns=10_000_000)  # fmt: skip
+    host = {"vpmu_mode": "perf-based", "sysctls": {"kernel.perf_event_max_sample_rate": "25000"}}
+    v = verdicts.pmi_sampling(EXPECTED, view, [short], host)
+    assert v.status == "skip" and v.reason.startswith("host: kernel.perf_event_max_sample_rate=25000")
+    calm = {"vpmu_mode": "perf-based", "sysctls": {"kernel.perf_event_max_sample_rate": "100000"}}
+    assert verdicts.pmi_sampling(EXPECTED, view, [short], calm).status == "fail"
+    assert verdicts.pmi_sampling(EXPECTED, view, [short], {**host, "vpmu_mode": "mediated"}).status == "fail"
+
+
+def test_sampling_rate_stays_far_below_the_throttle():
+    """At 1e10 user instructions/s the counters probe's period gives at most 10 PMIs per 1 ms tick, a tenth of
+    max_samples_per_tick = DIV_ROUND_UP(100000, HZ=1000) (kernel/events/core.c)."""
+    from harness import probe_params
+
+    pmis_per_tick = 1e10 / probe_params.PMI_SAMPLE_PERIOD / 1000
+    assert pmis_per_tick <= 100_000 / 1000 / 10
+    params = probe_params.counters_params(intel_kvm_guest_view())
+    assert params["sample_period"] == PERIOD and params["sample_repeats"] == SAMPLED_LOOPS
 
 
 # --- enumeration ---------------------------------------------------------------------------------------------
@@ -322,6 +646,20 @@ def test_pmu_visibility_both_ways():
     assert verdicts.pmu_visible(EXPECTED, no_pmu_view()).status == "fail"
     assert verdicts.pmu_visible(ABSENT, no_pmu_view()).status == "pass"
     assert verdicts.pmu_visible(ABSENT, intel_kvm_guest_view()).status == "fail"
+
+
+def test_amd_pmu_off_with_kvms_legacy_counters_is_a_skip():
+    """QEMU's pmu=off on AMD clears PerfCtrExtCore, but without KVM_PMU_CAP_DISABLE KVM keeps the 4 legacy K7
+    counters (svm/pmu.c amd_pmu_refresh(): version 1), and the guest kernel registers "AMD PMU driver"."""
+    view = amd_kvm_guest_view()
+    legacy = replace(view, caps=replace(view.caps, amd=replace(view.caps.amd, perfctr_core=False, perfmon_v2=False)),
+                     kernel_banner="Performance Events: AMD PMU driver.")  # fmt: skip
+    off = Expectation("amd_core_pmu", False, "profile: pmu-off sets pmu=off")
+    v = verdicts.pmu_visible(off, legacy)
+    assert v.status == "skip" and v.reason.startswith("kvm-limit: with pmu=off the AMD guest still has")
+    # a PMU the guest CPUID enumerates is still a FAIL, and so is any PMU under TCG
+    assert verdicts.pmu_visible(off, view).status == "fail"
+    assert verdicts.pmu_visible(ABSENT, legacy).status == "fail"
 
 
 def test_pmu_msrs_fault_without_pmu():
@@ -341,3 +679,45 @@ def test_guest_within_host_limits():
     v = verdicts.guest_within_host("kvm", EXPECTED, over, host)
     assert v.status == "fail" and "version 3 > 2" in v.reason
     assert verdicts.guest_within_host("tcg", EXPECTED, view, host).status == "skip"
+
+
+def fixed_counters_view(fixed: int) -> GuestView:
+    view = intel_kvm_guest_view()
+    ap = replace(view.caps.arch_perfmon, fixed_counters=fixed, fixed_counter_mask=(1 << fixed) - 1)
+    return replace(view, caps=replace(view.caps, arch_perfmon=ap))
+
+
+def spr_host_caps() -> dict:
+    return decode_caps(load_cpuid_dump(CPUID_DIR / "GenuineIntel00806F8_SapphireRapids_05_CPUID.txt")).to_json()
+
+
+LIMITS = Expectation("arch_perfmon", True, "expected", {"version": 2, "gp_counters": 8, "fixed_counters": 3})
+
+
+def test_fixed_counter_limit_depends_on_the_vpmu_mode():
+    """Without a measured offer: 3 fixed counters for the perf-based vPMU (KVM_MAX_NR_FIXED_COUNTERS), up to 4 under
+    the mediated vPMU (kvm_init_pmu_capability() keeps 3 only "if (!enable_mediated_pmu)" with the FC3 series)."""
+    host, four = spr_host_caps(), fixed_counters_view(4)
+    v = verdicts.guest_within_host("kvm", LIMITS, four, host, vpmu_mode="perf-based")
+    assert v.status == "fail" and "fixed_counters 4 > 3" in v.reason and "kvm_features.toml limits" in v.reason
+    assert verdicts.guest_within_host("kvm", LIMITS, four, host, vpmu_mode="mediated").status == "pass"
+
+
+def test_measured_kvm_offer_wins_over_the_table():
+    """host["kvm_offer"]["pmu"] is KVM_GET_SUPPORTED_CPUID decoded: what the running KVM really offers."""
+    host = spr_host_caps()
+    offer_caps = decode_caps(kvm_guest_table("GenuineIntel00806F8_SapphireRapids_05_CPUID.txt")).to_json()
+    offer = {"source": "/dev/kvm", "pmu": offer_caps}
+    three = intel_kvm_guest_view()
+    v = verdicts.guest_within_host("kvm", LIMITS, three, host, kvm_offer=offer, vpmu_mode="mediated")
+    assert v.status == "pass" and "KVM_GET_SUPPORTED_CPUID" in v.reason
+    v = verdicts.guest_within_host("kvm", LIMITS, fixed_counters_view(4), host, kvm_offer=offer, vpmu_mode="mediated")
+    assert v.status == "fail" and "fixed_counters 4 > 3" in v.reason and "KVM_GET_SUPPORTED_CPUID" in v.reason
+    # a newer KVM offering version 3: the offer wins over the table's version limit of 2
+    ap = offer_caps["arch_perfmon"]
+    newer = {"pmu": {**offer_caps, "arch_perfmon": {**ap, "version": 3}}}
+    v3 = replace(three, caps=replace(three.caps, arch_perfmon=replace(three.caps.arch_perfmon, version=3)))
+    assert verdicts.guest_within_host("kvm", LIMITS, v3, host, kvm_offer=newer).status == "pass"
+    no_vpmu = {"pmu": {**offer_caps, "arch_perfmon": None}}
+    v = verdicts.guest_within_host("kvm", LIMITS, three, host, kvm_offer=no_vpmu)
+    assert v.status == "fail" and "KVM offers no architectural PMU" in v.reason

@@ -676,6 +676,8 @@ def cpu_facts(host: Host, table: CpuidTable) -> dict[str, Any]:
         "vendor": caps.vendor,
         "microcode": host.cpu.microcode,
         "virt_flags": sorted(cpuinfo_flags(table) & {"vmx", "svm", "hypervisor"}),
+        # /sys/devices/system/cpu/smt/active: every modelled host runs with SMT on (the distribution default).
+        "smt_active": True,
         "cpuid_source": str(hostfacts.CPUID_DEVICE),
         "caps": caps.to_json(),
         "perf_capabilities": perf_caps,
