@@ -19,6 +19,7 @@ def test_pmu_visible(profile_run, check):
     check.judge(verdicts.pmu_visible(profile_run.pmu_expectation(), view), view.records)
 
 
+@pytest.mark.expects("pmu_absent", "pmu_msrs_fault")
 @pytest.mark.check("enum.pmu_msrs_fault")
 def test_pmu_msrs_fault_without_pmu(profile_run, check):
     """With no vPMU, counter MSRs outside KVM's legacy compat set raise #GP."""
@@ -27,6 +28,8 @@ def test_pmu_msrs_fault_without_pmu(profile_run, check):
     check.judge(verdict, view.records)
 
 
+@pytest.mark.intel("IA32_PERF_CAPABILITIES is Intel-only")
+@pytest.mark.expects("pmu_msrs_fault")
 @pytest.mark.check("enum.perf_capabilities")
 def test_perf_capabilities(profile_run, check):
     """IA32_PERF_CAPABILITIES exists exactly when CPUID.1:ECX.PDCM says so; its value is decoded and recorded."""
@@ -35,11 +38,13 @@ def test_perf_capabilities(profile_run, check):
     check.judge(verdict, view.records)
 
 
+@pytest.mark.expects("host_cpu_model")
 @pytest.mark.check("enum.guest_within_host")
 def test_guest_within_host(profile_run, check, host_facts):
     """The guest's PMU enumeration never exceeds the host's, nor KVM's limits (version <= 2, <= 8 GP, <= 3 fixed)."""
     view = profile_run.view
     verdict = verdicts.guest_within_host(
-        profile_run.accel, profile_run.pmu_expectation(), view, host_facts["cpu"].get("caps")
-    )
+        profile_run.accel, profile_run.pmu_expectation(), view, host_facts["cpu"].get("caps"),
+        kvm_offer=host_facts.get("kvm_offer"), vpmu_mode=host_facts.get("vpmu_mode"),
+    )  # fmt: skip
     check.judge(verdict, view.records)

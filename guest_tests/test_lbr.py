@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 
 from harness import feature_verdicts as fv
-from harness.branch_map import branch_map
 from harness.probe_params import lbr_params
 from harness.profile_run import ProfileRun
 
@@ -29,8 +28,7 @@ def branches(run: ProfileRun):
     """The workload's branch instructions, from objdump of the very binary that ran in the guest."""
     if not fv.lbr_depth(run.view):
         return None
-    binary = run.probe("lbr", lbr_params()).binary
-    return branch_map(binary, WORKLOAD_FUNCTIONS) if binary else None
+    return run.branch_map("lbr", WORKLOAD_FUNCTIONS, lbr_params())
 
 
 @pytest.mark.check("lbr.legacy_enumeration")
@@ -48,6 +46,7 @@ def test_arch_enumeration(profile_run, check):
 
 
 @pytest.mark.requires_pmu
+@pytest.mark.expects("lbr")
 @pytest.mark.check("lbr.records")
 def test_branch_records(profile_run, check):
     """ANY|USER stacks hold only the probe's own branches and reach the enumerated depth."""
@@ -56,6 +55,7 @@ def test_branch_records(profile_run, check):
 
 
 @pytest.mark.requires_pmu
+@pytest.mark.expects("lbr")
 @pytest.mark.check("lbr.call_stack")
 def test_call_stack(profile_run, check):
     """CALL_STACK mode inside f3 shows the calls f2->f3, f1->f2, loop->f1."""

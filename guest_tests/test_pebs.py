@@ -24,6 +24,7 @@ def test_enumeration(profile_run, check):
     check.judge(fv.pebs_enumeration(profile_run.expectation("pebs"), view), view.records)
 
 
+@pytest.mark.expects("pmu")
 @pytest.mark.check("pebs.no_adaptive")
 def test_adaptive_pebs_hidden(profile_run, check):
     """PERF_CAPABILITIES[14] (baseline) stays clear while KVM disallows adaptive PEBS."""
@@ -33,16 +34,20 @@ def test_adaptive_pebs_hidden(profile_run, check):
 
 
 @pytest.mark.requires_pmu
+@pytest.mark.expects("pebs")
 @pytest.mark.check("pebs.precise_ip.{level}")
 @pytest.mark.parametrize("level", [1, 2, 3])
 def test_precise_ip(profile_run, check, level):
-    """Sampled IPs land on the load (or the next instruction for precise_ip=1 with format <= 3)."""
+    """Sampled IPs land where the guest kernel puts them (feature_verdicts.pebs_ip_model): the load on PEBS format
+    >= 4 without baseline (every KVM guest) and for precise_ip >= 2, the instruction after it for precise_ip=1 on
+    format <= 3 or with baseline; a throttled event SKIPs."""
     found = records(profile_run)
     check.judge(fv.pebs_precise(profile_run.expectation("pebs"), profile_run.view, found, level),
                 [r for r in found if r.get("precise_ip") == level])  # fmt: skip
 
 
 @pytest.mark.requires_pmu
+@pytest.mark.expects("pebs_ldlat")
 @pytest.mark.check("pebs.ldlat")
 def test_load_latency(profile_run, check):
     """mem-loads with ldlat: data addresses in the probe's buffer, weight >= ldlat."""

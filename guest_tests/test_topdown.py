@@ -28,6 +28,7 @@ def test_enumeration(profile_run, check):
 
 
 @pytest.mark.requires_pmu
+@pytest.mark.expects("topdown")
 @pytest.mark.check("topdown.metrics")
 def test_metrics_add_up(profile_run, check):
     """Each level-1 metric is a fraction of slots in [0, 1]; the four sum to slots within 2 %."""
@@ -36,14 +37,18 @@ def test_metrics_add_up(profile_run, check):
 
 
 @pytest.mark.requires_pmu
+@pytest.mark.expects("topdown")
 @pytest.mark.check("topdown.width")
 def test_slots_per_cycle(profile_run, check):
-    """slots >= cycles x issue width: slots/cycles in [3.5, 8.5]."""
+    """slots/cycles is the core's pipeline width (host CPU model), or between width/2 and width with a busy SMT
+    sibling, which only the host can know about (then SKIP)."""
     found = records(profile_run)
-    check.judge(fv.topdown_width(profile_run.expectation("topdown"), profile_run.view, found), found)
+    check.judge(fv.topdown_width(profile_run.expectation("topdown"), profile_run.view, found, profile_run.host),
+                found)  # fmt: skip
 
 
 @pytest.mark.requires_pmu
+@pytest.mark.expects("topdown")
 @pytest.mark.check("topdown.workloads")
 def test_workload_shapes(profile_run, check):
     """A cache-resident ALU loop is mostly retiring; a 64 MiB pointer chase is mostly backend bound."""
@@ -52,6 +57,7 @@ def test_workload_shapes(profile_run, check):
 
 
 @pytest.mark.requires_pmu
+@pytest.mark.expects("topdown")
 @pytest.mark.check("topdown.rdpmc")
 def test_rdpmc_metrics(profile_run, check):
     """RDPMC with ECX bit 29 returns PERF_METRICS (bytes sum to 0xff) when allowed."""

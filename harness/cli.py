@@ -1,4 +1,4 @@
-"""``python -m harness``: doctor, caps, image build and exec.
+"""``python -m harness``: doctor, caps, image build, exec, run, report, plan and rejudge.
 
 Every user mistake ends as one ``ERROR: ...`` line on stderr and exit code 2; harness failures (a guest that
 does not boot, a missing tool) as one error block and exit 1. Exit codes come from :class:`ExitCode`.
@@ -7,11 +7,14 @@ does not boot, a missing tool) as one error block and exit 1. Exit codes come fr
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import shlex
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +125,45 @@ def make_parser() -> argparse.ArgumentParser:
     diff_p.add_argument("old", type=Path, metavar="OLD.json")
     diff_p.add_argument("new", type=Path, metavar="NEW.json")
     diff_p.add_argument("--md", action="store_true", help="Markdown (for a CI comment)")
+
+    plan_p = sub.add_parser(
+        "plan",
+        help="without booting: which checks a run on a host would measure, and each SKIP reason",
+        description="Collect the suite (the same markers and the same gates as `run`) and decide, for the host "
+        "whose `python -m harness doctor --json` output is DOCTOR.json, every profile x check of the idle load: "
+        "RUN (it measures) or SKIP with the reason the run would record, word for word. A profile that cannot run "
+        "there is listed as unavailable with its reason. The guest's CPU vendor (for Intel-/AMD-only checks) is "
+        "predicted from the -cpu model and the accelerator; what only a booted guest shows (its CPUID, a -cpu "
+        "property that host's QEMU lacks, what QEMU granted) can still make a RUN check SKIP in the run.",
+        epilog="Exit 0; 2 on bad input (unreadable or malformed DOCTOR.json, unknown profile).",
+    )
+    plan_p.add_argument("--host-facts", type=Path, required=True, metavar="DOCTOR.json",
+                        help="the host's facts: the output of `python -m harness doctor --json` there")  # fmt: skip
+    plan_p.add_argument("--profile", action="append", default=[], metavar="NAME",
+                        help="plan this profile (repeatable; default: every profile in the profiles file)")  # fmt: skip
+    plan_p.add_argument("--profiles-file", type=Path, default=DEFAULT_PROFILES_FILE, metavar="FILE",
+                        help="profiles file (default: guest_tests/profiles.toml)")  # fmt: skip
+    plan_p.add_argument("--accel", choices=ACCELS, help="plan for this accelerator (default: the one doctor chose)")
+    plan_p.add_argument("--json", action="store_true",
+                        help='print {"host": {...}, "profiles": [{"profile", "unavailable", "checks": [{"id", '
+                        '"runs", "reason"}]}]} instead of text')  # fmt: skip
+
+    rejudge_p = sub.add_parser(
+        "rejudge",
+        help="decide the checks of a results.json again from its stored measurements, with today's rules",
+        description="Re-decide every check of RESULTS.json (schema vpmu-results/2) from what its run stored (probe "
+        "records, the guest's view, branch maps, the host load as the checks saw it), with today's rules and "
+        "kvm_features.toml, without booting; write DIR/results.json, DIR/junit.xml, DIR/matrix.md and "
+        'DIR/matrix.html. Each check is marked "rejudged": true (with "previous" when its verdict changed) or '
+        'false with "rejudge_reason" where its inputs were not stored (a schema /1 file, a probe that failed, a '
+        "guest that did not boot): such a check keeps its stored verdict.",
+        epilog="Exit 0 when no check fails or errors after rejudging, 1 otherwise, 2 on bad input (not a results "
+        "file, unknown schema, malformed DOCTOR.json).",
+    )
+    rejudge_p.add_argument("results", type=Path, metavar="RESULTS.json", help="a results.json written by run")
+    rejudge_p.add_argument("--host-facts", type=Path, metavar="DOCTOR.json",
+                           help="use these host facts (doctor --json) instead of the stored ones")  # fmt: skip
+    rejudge_p.add_argument("--out", type=Path, required=True, metavar="DIR", help="report directory")
     return parser
 
 
@@ -282,6 +324,69 @@ def cmd_report(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _run_pytest_quietly(argv: list[str]) -> tuple[int, str]:
+    """Run pytest in this process with its terminal output captured (plan prints its own)."""
+    import pytest
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = pytest.main(argv)
+    return int(code), out.getvalue()
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from harness import plan
+    from harness.paths import GUEST_TESTS_DIR
+
+    plan.load_host_facts(args.host_facts)  # one ERROR line before pytest starts
+    profiles = load_profiles(args.profiles_file)
+    for name in args.profile:
+        select_profile(profiles, name, args.profiles_file)
+    with tempfile.TemporaryDirectory(prefix="vpmu-plan-") as tmp:
+        target = Path(tmp) / "plan.json"
+        argv = [str(GUEST_TESTS_DIR), "-p", "no:cacheprovider", "-q", "--collect-only", "--vpmu-plan", str(target),
+                "--vpmu-host-facts", str(args.host_facts), "--profiles-file", str(args.profiles_file)]  # fmt: skip
+        for name in args.profile:
+            argv += ["--profile", name]
+        if args.accel:
+            argv += ["--accel", args.accel]
+        code, output = _run_pytest_quietly(argv)
+        if code == 4:
+            raise UsageError(next((line.removeprefix("ERROR: ") for line in output.splitlines()
+                                   if line.startswith("ERROR: ")), "plan: pytest rejected the arguments"))  # fmt: skip
+        if not target.exists():
+            raise HarnessError(f"plan: collecting the suite failed (pytest exit {code}):\n{output[-3000:]}")
+        document = json.loads(target.read_text())
+    print(json.dumps(document, indent=2) if args.json else plan.render_text(document))
+    return ExitCode.OK
+
+
+def cmd_rejudge(args: argparse.Namespace) -> int:
+    import pytest
+
+    from harness import plan, results
+    from harness.paths import GUEST_TESTS_DIR
+
+    results.load(args.results)  # one ERROR line for a file that is no results file
+    if args.host_facts is not None:
+        plan.load_host_facts(args.host_facts)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    # --tb=native: Python's own tracebacks; pytest's source-annotated ones cost a second per 100 errors here.
+    argv = [str(GUEST_TESTS_DIR), "-p", "no:cacheprovider", "-q", "--tb=native", "--vpmu-replay", str(args.results),
+            "--results", str(out / "results.json"), "--junitxml", str(out / "junit.xml")]  # fmt: skip
+    if args.host_facts is not None:
+        argv += ["--vpmu-host-facts", str(args.host_facts)]
+    code = int(pytest.main(argv))
+    if code == 4:
+        return ExitCode.USAGE
+    if code not in (0, 1, 5) or not (out / "results.json").exists():
+        return PYTEST_EXIT.get(code, ExitCode.FAILED)
+    document = results.load(out / "results.json")
+    bad = any(c["status"] in ("fail", "error") for run in document["runs"] for c in run["checks"])
+    return ExitCode.FAILED if bad else ExitCode.OK
+
+
 def _raise_on_sigterm(signum: int, frame: object) -> None:
     """Turn SIGTERM into an exception so every ``with`` block (QEMU, temp dirs) cleans up before exit."""
     raise SystemExit(128 + signum)
@@ -294,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         args = make_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
-        handlers = {"doctor": cmd_doctor, "caps": cmd_caps, "exec": cmd_exec, "run": cmd_run, "report": cmd_report}
+        handlers = {"doctor": cmd_doctor, "caps": cmd_caps, "exec": cmd_exec, "run": cmd_run, "report": cmd_report,
+                    "plan": cmd_plan, "rejudge": cmd_rejudge}  # fmt: skip
         if args.command == "image":
             return cmd_image_build(args)
         return handlers[args.command](args)

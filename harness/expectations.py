@@ -552,6 +552,21 @@ def offer_notes(ctx: Context, rules: dict[str, FeatureRule] | None = None) -> li
     return found
 
 
+#: A profile that asks for everything a -cpu can pass through, so profile conditions never hide a disagreement.
+ASK_ALL = Profile("offer-vs-table", "every vPMU feature passed through", "host,pmu=on,migratable=no,+arch-lbr,"
+                  "+ibs,+perf-metrics", None, ("kvm",))  # fmt: skip
+
+
+def host_offer_notes(host: dict[str, Any], rules: dict[str, FeatureRule] | None = None) -> list[str]:
+    """Where this host's measured KVM offer and kvm_features.toml disagree (the offer wins), whatever the profile.
+
+    Empty when the host was not measured (no ``kvm_offer``) or KVM is not the accelerator: then nothing disagrees.
+    """
+    if not host.get("kvm_offer") or host.get("accel") != "kvm":
+        return []
+    return offer_notes(Context("kvm", host, ASK_ALL), rules)
+
+
 def pmu_feature(ctx: Context) -> str:
     """Which PMU feature rule applies: the host's vendor decides under KVM (the guest runs the host model)."""
     return "amd_core_pmu" if ctx.host_vendor in ("AuthenticAMD", "HygonGenuine") else "arch_perfmon"

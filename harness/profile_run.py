@@ -4,6 +4,10 @@
 "unavailable" with that reason, not a crash), boots the guest paused to read what QEMU granted, starts it,
 reads the guest's own view (enum probe), and memoizes every probe run so checks share one run. If the guest
 dies, the next probe request reboots it once, so one crash does not take the rest of the run with it.
+
+Everything a check reads from the run (probe records, the guest view's inputs, branch maps, VM-exit counts) is also
+kept for results.json (:meth:`ProfileRun.stored_inputs`), so ``python -m harness rejudge`` can give the same values
+back to the same checks later (harness/replay.py).
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from typing import Any
 
 from qemu.qmp import QMPError
 
+from harness import plan
+from harness.branch_map import BranchMap, branch_map
 from harness.cpu_model import CpuModel
 from harness.errors import GuestError, HarnessError
-from harness.expectations import Context, Expectation, expect, first_unmet, load_rules, pmu_feature
+from harness.expectations import Context, Expectation
 from harness.guest import Guest, boot_guest
 from harness.guest_view import ENUM_MSRS, GuestView, kernel_pmu_facts, view_from
 from harness.image import Image
@@ -51,8 +57,51 @@ def _seen(prop: str, view: GuestView) -> Any:
     return table.get(prop)
 
 
+class RunExpectations:
+    """Expectations of a run from its profile, accelerator, host facts and (once booted) what QEMU granted; shared
+    by the live :class:`ProfileRun` and rejudge's ReplayRun, so both decide through the same functions."""
+
+    profile: Profile
+    accel: str
+    host: dict[str, Any]
+    features: dict[str, dict[str, Any]]
+
+    @property
+    def ctx(self) -> Context:
+        """The expectation context; once the guest is booted it includes what QEMU granted (qom-get)."""
+        granted = {name: row.get("granted") for name, row in self.features.items()} if self.features else None
+        return Context(self.accel, self.host, self.profile, granted)
+
+    @property
+    def cpu(self) -> CpuModel:
+        return CpuModel.parse(self.profile.cpu_for(self.accel))
+
+    def expectation(self, feature: str) -> Expectation:
+        """A kvm_features.toml rule or a pseudo-name ("pmu", "lbr", ...), resolved as the pre-gate resolves it."""
+        return plan.expectation(feature, self.ctx)
+
+    def pmu_expectation(self) -> Expectation:
+        return self.expectation("pmu")
+
+
+def probe_entry(name: str, outcome: ProbeRun | ProbeError) -> dict[str, Any]:
+    """A probe run as results.json keeps it (``probes`` of a run): its records, or why it failed."""
+    if isinstance(outcome, ProbeError):
+        return {"name": name, "records": outcome.records, "error": str(outcome), "duration_s": None}
+    return {"name": name, "records": outcome.records, "error": None, "duration_s": round(outcome.duration_s, 3)}
+
+
+def branch_map_json(found: BranchMap | None, functions: tuple[str, ...]) -> dict[str, Any]:
+    """A branch map as results.json keeps it (JSON keys are strings: addresses in hex)."""
+    if found is None:
+        return {"functions": list(functions), "map": None}
+    return {"functions": list(functions), "map": {
+        "sites": {f"{a:#x}": [site.kind, site.target] for a, site in found.sites.items()},
+        "ranges": {name: list(bounds) for name, bounds in found.ranges.items()}}}  # fmt: skip
+
+
 @dataclass
-class ProfileRun:
+class ProfileRun(RunExpectations):
     """A profile's guest and everything learned about it, shared by all checks of that profile."""
 
     profile: Profile
@@ -77,20 +126,12 @@ class ProfileRun:
     _stack: contextlib.ExitStack | None = None
     _runner: ProbeRunner | None = None
     _probes: dict[str, ProbeRun | ProbeError] = field(default_factory=dict)
-
-    @property
-    def ctx(self) -> Context:
-        return Context(self.accel, self.host, self.profile)
-
-    @property
-    def cpu(self) -> CpuModel:
-        return CpuModel.parse(self.profile.cpu_for(self.accel))
-
-    def expectation(self, feature: str) -> Expectation:
-        return expect(load_rules()[feature], self.ctx)
-
-    def pmu_expectation(self) -> Expectation:
-        return self.expectation(pmu_feature(self.ctx))
+    #: Every probe run by memo key (kept across reboots, unlike ``_probes``), for results.json.
+    probe_log: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Branch maps the checks asked for, by probe memo key.
+    branch_maps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The VM-exit total a check last read under each load (the co-existence canary's rate).
+    exits_read: dict[str, int | None] = field(default_factory=dict)
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -99,9 +140,7 @@ class ProfileRun:
 
         :raises GuestError: the guest did not boot (the reason carries the serial tail).
         """
-        reason = first_unmet(self.profile.requires, self.ctx)
-        if not self.profile.applies_to(self.accel):
-            reason = f"profile: {self.profile.name} applies to {', '.join(self.profile.accels)}, not {self.accel}"
+        reason = plan.profile_unavailable(self.profile, self.ctx)
         if reason is None:
             self.qemu_caps = probe_cpu_caps(self.profile.cpu_for(self.accel), self.accel)
             missing = self.qemu_caps.missing(self.cpu)
@@ -206,6 +245,7 @@ class ProfileRun:
             except GuestError as exc:
                 cached = ProbeError(name, f"{exc}\n--- serial log (tail) ---\n{self.guest.machine.serial_tail()}")
             self._probes[key] = cached
+            self.probe_log[key] = probe_entry(name, cached)
         if isinstance(cached, ProbeError):
             raise cached
         return cached
@@ -215,6 +255,21 @@ class ProfileRun:
         cached = self._probes.get(f"{load}/{name}")
         return cached if isinstance(cached, ProbeRun) else None
 
+    def branch_map(
+        self, probe: str, functions: tuple[str, ...], params: dict[str, Any] | None = None
+    ) -> BranchMap | None:
+        """The branch instructions of ``functions`` in the binary of probe ``probe`` as it ran under this load
+        (objdump, harness.branch_map); None when the run has no binary. Runs the probe if it has not run yet.
+
+        :raises ProbeError: the probe failed.
+        :raises ToolMissingError: objdump is not installed.
+        """
+        key = f"{self.load}/{probe}"
+        binary = self.probe(probe, params).binary
+        found = branch_map(binary, functions) if binary else None
+        self.branch_maps[key] = branch_map_json(found, functions)
+        return found
+
     def vcpu_threads(self) -> tuple[list[int], list[int]]:
         """Host thread ids of the vCPUs and the host CPUs they are pinned to (for the host loads)."""
         tids = [int(v["thread"]) for v in self.pinning.get("vcpus", [])]
@@ -222,8 +277,24 @@ class ProfileRun:
         return tids, cpus
 
     def vm_exits(self) -> int | None:
-        """Total VM exits of all vCPUs from QMP ``query-stats`` (KVM provider); None where there is none (TCG)."""
+        """Total VM exits of all vCPUs from QMP ``query-stats`` (KVM provider); None where there is none (TCG).
+        What a check reads is kept per load (``exits_read``) for rejudge; the harness's own reads use
+        :meth:`vm_exits_now`."""
+        total = vm_exits(self.guest.machine)
+        self.exits_read[self.load] = total
+        return total
+
+    def vm_exits_now(self) -> int | None:
+        """VM exits read by the harness itself (around a host load), not recorded as a check's input."""
         return vm_exits(self.guest.machine)
+
+    def stored_inputs(self, load: str) -> dict[str, Any]:
+        """What the checks of ``load`` read from this run, for results.json: probe records by memo key (with the
+        enum probe the guest view came from), branch maps, and the VM exits a check read."""
+        prefix = f"{load}/"
+        probes = {k: v for k, v in self.probe_log.items() if k.startswith(prefix) or v["name"] == "enum"}
+        maps = {k: v for k, v in self.branch_maps.items() if k.startswith(prefix)}
+        return {"probes": probes, "branch_maps": maps, "exits_read": self.exits_read.get(load)}
 
     def summary(self) -> dict[str, Any]:
         """The ``guest`` object of this run in results.json."""
@@ -235,7 +306,7 @@ class ProfileRun:
             "reboots": self.reboots,
             "features": self.features,
             "filtered_features": self.filtered_features,
-            "view": self.view.summary() if self.view else None,
+            "view": {**self.view.summary(), "records": self.view.records} if self.view else None,
             "probe_timings": self.probe_timings,
             "pinning": self.pinning,
         }

@@ -12,6 +12,8 @@ from typing import Any
 
 import jinja2
 
+from harness.expectations import host_offer_notes
+from harness.kvm_offer import describe as describe_offer
 from harness.matrix import SYMBOLS, Matrix
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -29,6 +31,14 @@ def _guest_kernels(matrix: Matrix, label: str) -> list[str]:
     return sorted(k for k in kernels if k)
 
 
+def _offer(host: dict[str, Any]) -> dict[str, Any]:
+    """What KVM offered guests on this host and where kvm_features.toml disagrees (the run says so in its header)."""
+    if "kvm_offer" not in host:
+        return {"offer_summary": "not measured (results from before the KVM offer was read)", "offer_notes": []}
+    return {"offer_summary": describe_offer(host["kvm_offer"], host.get("kvm_offer_reason")),
+            "offer_notes": host_offer_notes(host)}  # fmt: skip
+
+
 def html(matrix: Matrix) -> str:
     columns = [c.label(matrix.multi_host) for c in matrix.columns]
     groups = []
@@ -36,7 +46,7 @@ def html(matrix: Matrix) -> str:
         groups.append((feature, [
             {"id": matrix.rows[r][1], "cells": [matrix.cell(r, c) for c in range(len(columns))]} for r in rows
         ]))  # fmt: skip
-    hosts = [{**h, "guest_kernels": _guest_kernels(matrix, h["label"])} for h in matrix.hosts]
+    hosts = [{**h, "guest_kernels": _guest_kernels(matrix, h["label"]), **_offer(h)} for h in matrix.hosts]
     tables: list[dict[str, Any]] = []
     for column, run in matrix.runs:
         guest = run.get("guest") or {}
@@ -64,6 +74,9 @@ def markdown(matrix: Matrix) -> str:
                      f"{host.get('kernel')}, accel {host.get('accel')}, vPMU mode {host.get('vpmu_mode') or 'none'}, "
                      f"kvm.enable_pmu={kvm.get('enable_pmu')}, QEMU {host.get('qemu', {}).get('version')}, "
                      f"guest kernel {', '.join(_guest_kernels(matrix, host['label'])) or '?'}")  # fmt: skip
+        offer = _offer(host)
+        lines.append(f"  - KVM offer: {_md_escape(offer['offer_summary'])}")
+        lines += [f"  - **offer vs kvm_features.toml**: {_md_escape(note)}" for note in offer["offer_notes"]]
     lines += ["", f"**{sum(counts.values())} checks: {counts['pass']} passed, {counts['fail']} failed, "
               f"{counts['skip']} skipped, {counts['error']} errors**", ""]  # fmt: skip
     labels = [c.label(matrix.multi_host) for c in matrix.columns]

@@ -1,9 +1,18 @@
-"""results.json: the record of a run that reports, merges and diffs read (schema ``vpmu-results/1``).
+"""results.json: the record of a run that reports, merges, diffs and rejudge read (schema ``vpmu-results/2``).
 
 ``{"schema", "host": {doctor facts}, "runs": [{"profile", "load", "accel", "boot_s", "guest": {...},
 "checks": [{"id", "feature", "status", "reason", "expected", "observed", "duration_s", "measurements"}]}]}``
-``measurements`` keeps the raw probe records a verdict was made from, so results from a real host can be judged
-again offline when a rule changes.
+``measurements`` keeps the raw probe records a verdict was made from.
+
+Schema /2 adds, per run, everything ``python -m harness rejudge`` needs to decide every check again with today's
+rules (harness/replay.py): ``profile_def`` (the profile's table), ``probes`` ({memo key: {"name", "records",
+"error", "duration_s"}} for every probe run under that load, and the enum probe), ``guest.view.records`` (with
+``kernel_pmus``, ``kernel_banner`` and ``sysfs``: the guest view's inputs), ``branch_maps`` (objdump of the LBR
+probe binary, by probe memo key) and ``load_inputs`` (the host load as the co-existence checks read it: its spec,
+VM exits before and during the group, the running summary and state at that moment). A rejudged document marks
+each check ``rejudged`` (true, with ``previous`` when the verdict changed; false with ``rejudge_reason``). Absent
+keys mean "not stored". Schema /1 files still load for render, merge and diff; mixing /1 and /2 in one merge is
+an error.
 """
 
 from __future__ import annotations
@@ -17,7 +26,10 @@ from typing import Any
 
 from harness.errors import UsageError
 
-SCHEMA = "vpmu-results/1"
+SCHEMA_V1 = "vpmu-results/1"
+SCHEMA = "vpmu-results/2"
+#: Schemas this code reads (it writes only SCHEMA).
+SCHEMAS = (SCHEMA_V1, SCHEMA)
 STATUSES = ("pass", "fail", "skip", "error")
 CHECK_KEYS = ("id", "feature", "status", "reason", "expected", "observed", "duration_s", "measurements")
 RUN_KEYS = ("profile", "load", "accel", "boot_s", "guest", "checks")
@@ -35,9 +47,16 @@ class CheckResult:
     observed: Any = None
     duration_s: float = 0.0
     measurements: list[dict[str, Any]] = field(default_factory=list)
+    #: Keys beyond CHECK_KEYS: rejudge's ``rejudged`` / ``rejudge_reason`` / ``previous``.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in CHECK_KEYS}
+        return {**{key: getattr(self, key) for key in CHECK_KEYS}, **self.extra}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CheckResult:
+        """A stored check (the keys of CHECK_KEYS; the rest goes to ``extra``)."""
+        return cls(**{k: data[k] for k in CHECK_KEYS}, extra={k: v for k, v in data.items() if k not in CHECK_KEYS})
 
 
 def build(host: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -87,8 +106,9 @@ def load(path: Path) -> dict[str, Any]:
 def validate(document: Any, where: str) -> None:
     if not isinstance(document, dict):
         raise UsageError(f"{where}: results must be a JSON object")
-    if document.get("schema") != SCHEMA:
-        raise UsageError(f"{where}: schema is {document.get('schema')!r}, expected {SCHEMA!r}")
+    if document.get("schema") not in SCHEMAS:
+        raise UsageError(f"{where}: schema is {document.get('schema')!r}, expected {SCHEMA!r} (or {SCHEMA_V1!r}): "
+                         "not a vpmu results file?")  # fmt: skip
     for key in ("host", "runs"):
         if key not in document:
             raise UsageError(f"{where}: missing field '{key}'")

@@ -105,11 +105,11 @@ def test_merge_makes_a_column_per_host(suite_run, tmp_path):
 def test_merge_refuses_conflicting_schemas(tmp_path):
     a = write(tmp_path, "a.json", document())
     other = document()
-    other["schema"] = "vpmu-results/2"
+    other["schema"] = "vpmu-results/1"  # an old file: still readable alone, but not mixed with /2
     b = tmp_path / "b.json"
     b.write_text(json.dumps(other))
     proc = run_cli("report", "merge", str(a), str(b), "--out", str(tmp_path / "m"))
-    assert_one_line_error(proc, "schema versions conflict", "vpmu-results/2")
+    assert_one_line_error(proc, "schema versions conflict", "vpmu-results/1")
 
 
 def test_diff_reports_regressions_and_exits_1(tmp_path):
