@@ -18,18 +18,24 @@ pytestmark = pytest.mark.feature("coexistence")
 
 
 def counters(run: ProfileRun) -> list[dict]:
-    return run.probe("counters", counters_params(run.view)).records
+    """The same counters probe run as the arch checks (same parameters, so one run serves both)."""
+    return run.probe("counters", counters_params(run.view, run.host)).records
 
 
+@pytest.mark.expects("host_load")
 @pytest.mark.check("coexist.host_load")
-def test_host_load(profile_run, host_load, check, host_facts):
-    """The host load runs as written (or, under the mediated vPMU, an include-guest load is refused)."""
+def test_host_load(profile_run, host_load, check):
+    """The host load runs and counts (or, when this run's VM holds a mediated PMU, an include-guest load is
+    refused)."""
     # host_load is None only for a profile that cannot run here, and `check` has skipped that already.
-    verdict = coexist.host_load(host_load.spec, host_load.result, host_facts["vpmu_mode"], host_load.snapshot())
+    ctx = profile_run.ctx  # the run's accelerator, profile and host facts (the stored ones under rejudge)
+    verdict = coexist.host_load(host_load.spec, host_load.result, ctx.host.get("vpmu_mode"), host_load.snapshot(),
+                                coexist.mediated_pmu_holder(ctx))  # fmt: skip
     check.judge(verdict, [host_load.result.to_json()])
 
 
 @pytest.mark.requires_pmu
+@pytest.mark.expects("pmu")
 @pytest.mark.check("coexist.canary")
 def test_exact_count_canary(profile_run, host_load, check):
     """The loop's exact user-mode instruction count holds on every counter under this load (and equals idle)."""
@@ -41,7 +47,7 @@ def test_exact_count_canary(profile_run, host_load, check):
     elapsed = host_load.elapsed_s() if host_load else 0.0
     vm_exits = {"total": exits_now, "during_group": during,
                 "per_s": round(during / elapsed, 1) if during is not None and elapsed > 0 else None}  # fmt: skip
-    errata = overcount_errata(profile_run.view.caps)
+    errata = overcount_errata(profile_run.view.caps, (profile_run.host.get("cpu") or {}).get("caps"))
     verdict = coexist.canary(profile_run.pmu_expectation(), profile_run.view, records,
                              idle.records if idle else None, host_load.result if host_load else None, vm_exits,
                              errata)  # fmt: skip
@@ -49,6 +55,7 @@ def test_exact_count_canary(profile_run, host_load, check):
 
 
 @pytest.mark.requires_pmu
+@pytest.mark.expects("pmu")
 @pytest.mark.check("coexist.guest_multiplexing")
 def test_no_guest_visible_multiplexing(profile_run, host_load, check):
     """With no more guest events than counters, the guest never sees time_running < time_enabled."""
