@@ -48,9 +48,11 @@ def test_exact_count_canary(profile_run, host_load, check):
     vm_exits = {"total": exits_now, "during_group": during,
                 "per_s": round(during / elapsed, 1) if during is not None and elapsed > 0 else None}  # fmt: skip
     errata = overcount_errata(profile_run.view.caps, (profile_run.host.get("cpu") or {}).get("caps"))
+    contention = coexist.perf_based_contention(host_load.spec if host_load else None,
+                                               profile_run.host.get("vpmu_mode"))  # fmt: skip
     verdict = coexist.canary(profile_run.pmu_expectation(), profile_run.view, records,
                              idle.records if idle else None, host_load.result if host_load else None, vm_exits,
-                             errata)  # fmt: skip
+                             errata, contention=contention)  # fmt: skip
     check.judge(verdict, [r for r in records if r.get("event") == "instructions"])
 
 

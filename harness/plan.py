@@ -22,6 +22,7 @@ from harness.expectations import FEATURES_FILE, Context, Expectation, FeatureRul
 from harness.expectations import pmu_feature as _pmu_feature
 from harness.loads import LoadSpec
 from harness.profiles import Profile
+from harness.verdicts import pmu_off_unjudgeable
 
 #: The marker that names a check's gating expectations (registered by harness.pytest_plugin).
 EXPECTS_MARKER = "expects"
@@ -85,6 +86,15 @@ def _host_cpu_model(ctx: Context) -> Expectation:
     return Expectation("host_cpu_model", True, "the guest CPU model is derived from the host's (KVM)")
 
 
+def _pmu_off_judged(ctx: Context) -> Expectation:
+    """enum.pmu_visible / enum.pmu_msrs_fault cannot judge a pmu=off profile whose pmu=off does not reach KVM (AMD
+    hosts with released QEMU): verdicts.pmu_off_unjudgeable decides, with the pmu_off_honoured rule's reason."""
+    found = pmu_off_unjudgeable(_pmu(ctx), expectation("pmu_off_honoured", ctx))
+    if found is not None:
+        return Expectation("pmu_off_judged", False, found.reason)
+    return Expectation("pmu_off_judged", True, "pmu=off (if asked) takes the vPMU away here")
+
+
 #: Names beyond kvm_features.toml's rules. "pmu" and "lbr" are the combined expectations the verdicts use;
 #: the others are the ctx-only preconditions above.
 PSEUDO: dict[str, Callable[[Context], Expectation]] = {
@@ -92,6 +102,7 @@ PSEUDO: dict[str, Callable[[Context], Expectation]] = {
     "lbr": _lbr,
     "pmu_absent": _pmu_absent,
     "host_cpu_model": _host_cpu_model,
+    "pmu_off_judged": _pmu_off_judged,
 }
 #: A pseudo-name decided by the host load, not the context: coexist.host_load judges a load, and idle runs none.
 HOST_LOAD = "host_load"

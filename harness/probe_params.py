@@ -31,7 +31,6 @@ FIXED_CONFIGS = (0x00C0, 0x003C, 0x0300, 0x0400)
 #: can sit on the fixed counter and the others still cover every GP counter.
 FIXED_CAPABLE = {"instructions": 0, "core_cycles": 1}
 ITERATIONS = 1_000_000  # kvm-unit-tests' N
-SAMPLE_PERIOD = 100_003  # prime, so samples do not alias with the loop (LBR probe)
 #: arch.pmi_sampling: one PMI per 1,000,003 user instructions (prime) over 20 loops of N (2e8 instructions, ~200
 #: samples). Even at 1e10 instructions/s that is 1e4 PMIs/s = 10 per 1 ms tick, a tenth of the per-tick budget at
 #: perf_event_max_sample_rate=100000 and HZ=1000 (kernel/events/core.c: max_samples_per_tick =
@@ -40,6 +39,13 @@ SAMPLE_PERIOD = 100_003  # prime, so samples do not alias with the loop (LBR pro
 #: the host throttles like any other, invisibly to the guest. The old 100,003 gave 1e5 PMIs/s on a fast core.
 PMI_SAMPLE_PERIOD = 1_000_003
 PMI_SAMPLE_REPEATS = 20
+#: The LBR probe samples user instructions over vpmu_chain() the same way and under the same budget: the old period of
+#: 100,003 gave up to 1e5 PMIs/s, and an LBR PMI is a heavy one for a guest (the LBR MSRs are read in the PMI
+#: handler). The period is PMI_SAMPLE_PERIOD (prime: no aliasing with the 12-instruction chain iteration), and
+#: LBR_ITERATIONS (1.2e8 instructions) gives ~120 samples, a third of them in f3 for the call-stack check. The probe
+#: calls vpmu_prepare_sampling() and counts PERF_RECORD_THROTTLE, as the counters probe does.
+LBR_SAMPLE_PERIOD = PMI_SAMPLE_PERIOD
+LBR_ITERATIONS = 10_000_000
 INVALID_RDPMC_INDEX = 64  # kvm-unit-tests x86/pmu.c: "Expected #GP on RDPMC(64)"
 
 
@@ -142,7 +148,7 @@ def topdown_params() -> dict[str, Any]:
 
 
 def lbr_params() -> dict[str, Any]:
-    return {"max_samples": 100, "sample_period": SAMPLE_PERIOD, "iterations": 2_000_000}
+    return {"max_samples": 100, "sample_period": LBR_SAMPLE_PERIOD, "iterations": LBR_ITERATIONS}
 
 
 def pebs_params(max_precise: int) -> dict[str, Any]:

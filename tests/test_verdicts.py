@@ -84,16 +84,38 @@ def count(
     tsc: int = 50 * N,
     copies: int = 9,
     held_back: int = 0,
+    irq_n: int = 0,
+    irq_0: int = 0,
+    faults_n: int = 0,
+    switches_n: int = 0,
 ) -> dict:
     """A counters-probe "count" record (keys as emitted by group_event in counters.c.j2): the user-page RDPMC of the
-    member lies between the two group reads around it, as on a healthy PMU (each read adds a few user instructions)."""
+    member lies between the two group reads around it, as on a healthy PMU (each read adds a few user instructions);
+    no interrupt, fault or context switch around either window unless given (rec_windows() in _common.h.j2)."""
     value = value_0 + delta if value_n is None else value_n
     return {"probe": "counters", "kind": "count", "set": set_name, "event": event, "config": 0xC0, "copies": copies,
             "held_back": held_back, "held_back_for": verdicts.HELD_BACK_WATCHDOG if held_back else "",
             "member": member, "iterations": N, "rdpmc_index": index, "value_n": value, "value_0": value_0,
             "enabled_n": 1000, "running_n": running, "enabled_0": 900, "running_0": 900,
             "rdpmc_n": value + 40 + 90 * member, "rdpmc_signal": 0, "read_before_rdpmc": value + 20 + 90 * member,
-            "read_after_rdpmc": value + 60 + 90 * member, "offset_n": 0, "pmc_width": 48, "tsc_n": tsc}  # fmt: skip
+            "read_after_rdpmc": value + 60 + 90 * member, "offset_n": 0, "pmc_width": 48, "cap_user_rdpmc": 1,
+            "tsc_n": tsc, **windows(irq_n, irq_0, faults_n, switches_n)}  # fmt: skip
+
+
+def windows(irq_n: int = 0, irq_0: int = 0, faults_n: int = 0, switches_n: int = 0) -> dict:
+    """The keys rec_windows() (_common.h.j2) prints: the N and 0 windows' interrupts, faults and context switches."""
+    return {"irq_n": irq_n, "faults_n": faults_n, "switches_n": switches_n, "irq_0": irq_0, "faults_0": 0,
+            "switches_0": 0}  # fmt: skip
+
+
+def function_keys(source: str, start: str, end: str) -> set[str]:
+    """The record keys a C function of a probe template prints (rec_u64/rec_i64/rec_str/rec_sysctl literals)."""
+    body = source[source.index(start) : source.index(end)]
+    return set(re.findall(r'rec_(?:u64|i64|str|sysctl)\("(\w+)"', body))
+
+
+COMMON = (PROBES_DIR / "_common.h.j2").read_text()
+WINDOW_KEYS = function_keys(COMMON, "static __attribute__((unused)) void rec_windows", "/* --- sampling ring")
 
 
 def gp_group(event: str, delta: int, counters: int = 8, fixed_index: int | None = 0, **kw) -> list[dict]:
@@ -110,7 +132,8 @@ def test_factories_emit_the_probe_keys():
     body = source[source.index("static void group_event") : source.index("/* An event that is opened but never")]
     per_member = body[body.index("for (int i = 0; i < n; i++) {") :]  # the loop that prints measured members
     keys = set(re.findall(r'rec_(?:u64|i64|str)\("(\w+)"', head + per_member)) | {"probe", "kind"}
-    assert set(count("instructions", 0, 0, INSNS)) == keys
+    assert "rec_windows(&wn, &w0);" in per_member and set(windows()) == WINDOW_KEYS
+    assert set(count("instructions", 0, 0, INSNS)) == keys | WINDOW_KEYS
 
 
 # --- GP counters ---------------------------------------------------------------------------------------------
@@ -226,7 +249,7 @@ def test_errata_follow_the_host_silicon_under_a_named_cpu_model():
 def test_exact_global_ctrl_splits_the_errata():
     record = {"probe": "msr", "kind": "enabled", "iterations": N, "instructions_n": 5003 + INSNS,
               "instructions_0": 5000, "branches_n": 301 + N, "branches_0": 300, "fixed0_n": 5002 + INSNS,
-              "fixed0_0": 5000, "global_ctrl": 1}  # fmt: skip
+              "fixed0_0": 5000, "global_ctrl": 1, **windows()}  # fmt: skip
     cwf = verdicts.OvercountErrata(instructions=True)
     v = verdicts.exact_global_ctrl(EXPECTED, model_view(0xDD), [record], cwf)
     assert v.status == "fail" and "PMC1" in v.reason and "PMC0" not in v.reason and "FIXED_CTR0" not in v.reason
@@ -438,7 +461,9 @@ def rdpmc_records(
             "rdpmc": 0x12345600 + i + (1 if mismatch and i == 2 else 0)} for i in range(8)]  # fmt: skip
     msr.append({"probe": "msr", "kind": "rdpmc_beyond", "index": beyond, "signal": invalid_signal, "rdpmc": 0})
     counters = [{"probe": "counters", "kind": "rdpmc_invalid", "index": 64, "signal": invalid_signal,
-                 "user_rdpmc": 1}, *gp_group("instructions", INSNS)]  # fmt: skip
+                 "control_index": 0, "control_signal": 0, "user_rdpmc": 1},
+                *gp_group("instructions", INSNS)]  # fmt: skip
+    msr.append({"probe": "msr", "kind": "rdpmc_setup", "perf_fd": 3, "mmapped": 1, "user_rdpmc": 1})  # fmt: skip
     return counters, msr
 
 
@@ -507,7 +532,8 @@ def test_rdpmc_beyond_on_amd_under_the_mediated_vpmu_is_not_required_to_fault():
     amd = replace(EXPECTED, feature="amd_core_pmu")
     counters_, msr = rdpmc_records(beyond=6)
     msr = [r for r in msr if r["kind"] != "rdpmc" or r["index"] < 6]
-    msr[-1] = {"probe": "msr", "kind": "rdpmc_beyond", "index": 6, "signal": 0, "rdpmc": 0x1234}
+    beyond = next(i for i, r in enumerate(msr) if r["kind"] == "rdpmc_beyond")
+    msr[beyond] = {"probe": "msr", "kind": "rdpmc_beyond", "index": 6, "signal": 0, "rdpmc": 0x1234}
     counters_ = [counters_[0], *gp_group("instructions", INSNS, counters=6, fixed_index=None)]
     v = verdicts.rdpmc(amd, view, counters_, msr, "mediated")
     assert v.status == "pass" and "RDPMC(6) not judged" in v.reason
@@ -523,10 +549,23 @@ def test_rdpmc_without_user_rdpmc_is_an_error_not_a_fail():
     assert v.status == "error" and "cap_user_rdpmc=0" in v.reason
 
 
+def enabled_record(extra_n: int = 0, extra_branches: int = 0, **window) -> dict:
+    """The msr probe's "enabled" record (counting() in msr.c.j2): N and 0 regions of PMC0/PMC1/FIXED_CTR0."""
+    return {"probe": "msr", "kind": "enabled", "iterations": N, "instructions_n": 5000 + INSNS + extra_n,
+            "instructions_0": 5000, "branches_n": 300 + N + extra_branches, "branches_0": 300,
+            "fixed0_n": 5000 + INSNS + extra_n, "fixed0_0": 5000, "global_ctrl": 1, **windows(**window)}  # fmt: skip
+
+
+def test_enabled_record_factory_emits_the_probe_keys():
+    source = (PROBES_DIR / "msr.c.j2").read_text()
+    body = source[source.index('rec_start("enabled");') : source.index("/* EN clear, global bits set")]
+    assert "rec_windows(&wn, &w0);" in body
+    keys = set(re.findall(r'rec_(?:u64|i64|str)\("(\w+)"', body)) | WINDOW_KEYS | {"probe", "kind"}
+    assert set(enabled_record()) == keys
+
+
 def test_exact_global_ctrl():
-    record = {"probe": "msr", "kind": "enabled", "iterations": N, "instructions_n": 5000 + INSNS,
-              "instructions_0": 5000, "branches_n": 300 + N, "branches_0": 300, "fixed0_n": 5000 + INSNS,
-              "fixed0_0": 5000, "global_ctrl": 1}  # fmt: skip
+    record = enabled_record()
     assert verdicts.exact_global_ctrl(EXPECTED, intel_kvm_guest_view(), [record]).status == "pass"
     record["fixed0_n"] += 1
     v = verdicts.exact_global_ctrl(EXPECTED, intel_kvm_guest_view(), [record])
@@ -648,18 +687,53 @@ def test_pmu_visibility_both_ways():
     assert verdicts.pmu_visible(ABSENT, intel_kvm_guest_view()).status == "fail"
 
 
-def test_amd_pmu_off_with_kvms_legacy_counters_is_a_skip():
-    """QEMU's pmu=off on AMD clears PerfCtrExtCore, but without KVM_PMU_CAP_DISABLE KVM keeps the 4 legacy K7
-    counters (svm/pmu.c amd_pmu_refresh(): version 1), and the guest kernel registers "AMD PMU driver"."""
+#: harness.expectations _pmu_off_reaches_kvm's reason, as kvm_features.toml [pmu_off_honoured] gives it on AMD.
+PMU_OFF_NOT_HONOURED = Expectation("pmu_off_honoured", False, "qemu-limit: QEMU's pmu=off does not take an AMD "
+                                   "guest's counters away: no CPUID bit for the legacy K7 counters")  # fmt: skip
+PMU_OFF_HONOURED = Expectation("pmu_off_honoured", True, "expected: pmu=off takes the vPMU away")
+PROFILE_OFF = Expectation("amd_core_pmu", False, "profile: pmu-off sets pmu=off")
+
+
+def amd_legacy_view() -> GuestView:
+    """An AMD pmu=off guest on a QEMU without KVM_PMU_CAP_DISABLE: no PerfCtrExtCore/PerfMonV2 in CPUID, but KVM's
+    four legacy K7 counters (svm/pmu.c amd_pmu_refresh()) and the guest kernel's "AMD PMU driver"."""
     view = amd_kvm_guest_view()
-    legacy = replace(view, caps=replace(view.caps, amd=replace(view.caps.amd, perfctr_core=False, perfmon_v2=False)),
-                     kernel_banner="Performance Events: AMD PMU driver.")  # fmt: skip
-    off = Expectation("amd_core_pmu", False, "profile: pmu-off sets pmu=off")
-    v = verdicts.pmu_visible(off, legacy)
-    assert v.status == "skip" and v.reason.startswith("kvm-limit: with pmu=off the AMD guest still has")
-    # a PMU the guest CPUID enumerates is still a FAIL, and so is any PMU under TCG
-    assert verdicts.pmu_visible(off, view).status == "fail"
-    assert verdicts.pmu_visible(ABSENT, legacy).status == "fail"
+    amd = replace(view.caps.amd, perfctr_core=False, perfmon_v2=False, core_counters=4)
+    msrs = {m: MsrRead(m, 0, None) for m in verdicts.NO_PMU_FAULTING_MSRS["amd"]}
+    banner = "Performance Events: AMD PMU driver."
+    return replace(view, caps=replace(view.caps, amd=amd), msrs=msrs, kernel_banner=banner)
+
+
+def test_pmu_off_not_reaching_kvm_skips_with_the_data_files_reason():
+    """Item: one rule for AMD pmu=off. kvm_features.toml [pmu_off_honoured] (condition pmu_off_reaches_kvm) says when
+    QEMU's pmu=off cannot take KVM's counters away; enum.pmu_visible and enum.pmu_msrs_fault then SKIP with that
+    reason, whatever the guest shows (legacy driver only, or PerfCtrExtCore left on by QEMU), the view kept."""
+    faults = Expectation("pmu_msrs_fault", True, "expected")
+    for view in (amd_legacy_view(), amd_kvm_guest_view()):
+        v = verdicts.pmu_visible(PROFILE_OFF, view, PMU_OFF_NOT_HONOURED)
+        assert (v.status, v.reason) == ("skip", PMU_OFF_NOT_HONOURED.reason)
+        assert v.observed["kernel_pmus"] == ["cpu", "msr", "software"]
+        v = verdicts.pmu_msrs_fault(PROFILE_OFF, faults, view, PMU_OFF_NOT_HONOURED)
+        assert (v.status, v.reason) == ("skip", PMU_OFF_NOT_HONOURED.reason)
+    # a QEMU that honours pmu=off: a visible PMU is a FAIL again, readable MSRs too
+    assert verdicts.pmu_visible(PROFILE_OFF, amd_legacy_view(), PMU_OFF_HONOURED).status == "fail"
+    v = verdicts.pmu_msrs_fault(PROFILE_OFF, faults, amd_legacy_view(), PMU_OFF_HONOURED)
+    assert v.status == "fail" and "readable although the guest has no vPMU" in v.reason
+
+
+def test_pmu_off_expectation_applies_only_when_the_profile_turned_the_pmu_off():
+    """Under TCG, or with kvm.enable_pmu=N, the PMU is absent for another reason and KVM gives no counters at all:
+    those are judged as before (the guest must show none), and a vPMU that is expected is judged as expected."""
+    tcg = Expectation("amd_core_pmu", False, "accel: no vPMU under TCG (...)")
+    assert verdicts.pmu_visible(tcg, amd_legacy_view(), PMU_OFF_NOT_HONOURED).status == "fail"
+    off_module = Expectation("amd_core_pmu", False, "host: kvm.enable_pmu=N")
+    faults = Expectation("pmu_msrs_fault", True, "expected")
+    gp = MsrRead(0, None, errno.EIO)
+    view = replace(amd_legacy_view(), msrs={m: replace(gp, msr=m) for m in verdicts.NO_PMU_FAULTING_MSRS["amd"]})
+    assert verdicts.pmu_msrs_fault(off_module, faults, view, PMU_OFF_NOT_HONOURED).status == "pass"
+    on = Expectation("amd_core_pmu", True, "expected")
+    assert verdicts.pmu_visible(on, amd_kvm_guest_view(), PMU_OFF_NOT_HONOURED).status == "pass"
+    assert verdicts.pmu_off_unjudgeable(on, PMU_OFF_NOT_HONOURED) is None
 
 
 def test_pmu_msrs_fault_without_pmu():
@@ -721,3 +795,162 @@ def test_measured_kvm_offer_wins_over_the_table():
     no_vpmu = {"pmu": {**offer_caps, "arch_perfmon": None}}
     v = verdicts.guest_within_host("kvm", LIMITS, three, host, kvm_offer=no_vpmu)
     assert v.status == "fail" and "KVM offers no architectural PMU" in v.reason
+
+
+# --- interrupts and exceptions in the counted windows (review-arch (1)-A) ----------------------------------------
+
+
+def test_interrupts_in_the_window_are_allowed_one_count_each():
+    """Weaver et al. (ISPASS 2013), rr-debugger/rr #610: every interrupt or exception taken while user-mode counting
+    is on adds one user-mode instruction (the IRET retires partly at CPL3). Two timer ticks in the N window: the
+    loop's count + 2 passes, + 3 fails, and without interrupts + 1 still fails."""
+    view = intel_kvm_guest_view()
+    ticks = gp_group("instructions", INSNS + 2, irq_n=2)
+    v = verdicts.gp_event(EXPECTED, view, ticks, "instructions")
+    assert v.status == "pass", v.reason
+    assert "+1 per interrupt/exception" in v.expected and "Weaver" in v.expected
+    v = verdicts.gp_event(EXPECTED, view, gp_group("instructions", INSNS + 3, irq_n=2), "instructions")
+    assert v.status == "fail" and "10,000,003 outside [10,000,000, 10,000,002]" in v.reason
+    v = verdicts.gp_event(EXPECTED, view, gp_group("instructions", INSNS + 1), "instructions")
+    assert v.status == "fail" and "no interrupt in either window" in v.reason
+
+
+def test_interrupts_allow_the_same_for_branches_and_faults_and_switches_count_too():
+    """All branches (0xC4) count the IRET as well (conditional branches would not). A page fault or a context switch
+    (a KVM async page fault in user mode schedules away: arch/x86/kernel/kvm.c) adds to the allowance."""
+    view = intel_kvm_guest_view()
+    group = gp_group("branch_instructions", N + 3, fixed_index=None, irq_n=1, faults_n=1, switches_n=1)
+    assert verdicts.gp_event(EXPECTED, view, group, "branch_instructions").status == "pass"
+    group = gp_group("branch_instructions", N + 4, fixed_index=None, irq_n=1, faults_n=1, switches_n=1)
+    assert verdicts.gp_event(EXPECTED, view, group, "branch_instructions").status == "fail"
+
+
+def test_an_interrupt_in_the_zero_window_lowers_the_difference():
+    """N-0: an interrupt in the 0 run raises value_0, so the difference may fall short by as many."""
+    view = intel_kvm_guest_view()
+    assert verdicts.gp_event(EXPECTED, view, gp_group("instructions", INSNS - 1, irq_0=1), "instructions").status \
+        == "pass"  # fmt: skip
+    assert verdicts.gp_event(EXPECTED, view, gp_group("instructions", INSNS - 2, irq_0=1), "instructions").status \
+        == "fail"  # fmt: skip
+
+
+def test_unknown_interrupt_counts_keep_the_exact_rule():
+    """-1 (the probe could not read /proc/interrupts) or records from before the probe counted: exact, as before."""
+    view = intel_kvm_guest_view()
+    unknown = gp_group("instructions", INSNS + 1, irq_n=-1)
+    v = verdicts.gp_event(EXPECTED, view, unknown, "instructions")
+    assert v.status == "fail" and "interrupt count unknown" in v.reason
+    old = [{k: val for k, val in r.items() if k not in windows()} for r in gp_group("instructions", INSNS)]
+    assert verdicts.gp_event(EXPECTED, view, old, "instructions").status == "pass"
+
+
+def test_fixed_counter_0_allows_the_windows_interrupts():
+    record = count("fixed0", 0, FIXED | 0, INSNS + 3, set_name="fixed", irq_n=3)
+    assert verdicts.fixed_counter(EXPECTED, intel_kvm_guest_view(), [record], 0).status == "pass"
+    record = count("fixed0", 0, FIXED | 0, INSNS + 3, set_name="fixed", irq_n=2)
+    assert verdicts.fixed_counter(EXPECTED, intel_kvm_guest_view(), [record], 0).status == "fail"
+
+
+def test_amd_allowance_keeps_its_vmrun_slack_and_the_zero_window():
+    view = amd_kvm_guest_view()
+    amd = replace(EXPECTED, feature="amd_core_pmu")
+    group = gp_group("instructions", INSNS - 1, counters=6, fixed_index=None, irq_0=1)
+    assert verdicts.gp_event(amd, view, group, "instructions").status == "pass"
+    group = gp_group("instructions", INSNS - 2, counters=6, fixed_index=None, irq_0=1)
+    assert verdicts.gp_event(amd, view, group, "instructions").status == "fail"
+
+
+def test_exact_global_ctrl_allows_the_regions_interrupts():
+    """The msr probe's N and 0 regions are bracketed the same way (count_region() in msr.c.j2)."""
+    view = intel_kvm_guest_view()
+    v = verdicts.exact_global_ctrl(EXPECTED, view, [enabled_record(2, 2, irq_n=1, faults_n=1)])
+    assert v.status == "pass" and "within the interrupts of their windows" in v.reason, v.reason
+    v = verdicts.exact_global_ctrl(EXPECTED, view, [enabled_record(3, 0, irq_n=2)])
+    assert v.status == "fail" and "PMC0" in v.reason and "FIXED_CTR0" in v.reason and "PMC1" not in v.reason
+    v = verdicts.exact_global_ctrl(EXPECTED, view, [enabled_record(1, 0)])
+    assert v.status == "fail" and "no interrupt in either window" in v.reason
+
+
+# --- RDPMC: a #GP proves something only next to a valid RDPMC that worked ((2)-A, (2)-B) -----------------------
+
+
+def test_rdpmc_invalid_needs_its_control_rdpmc_to_succeed():
+    """With CR4.PCE clear every RDPMC #GPs: the control RDPMC(0) in the same process faulting too turns the check
+    into an ERROR that names it, never a PASS."""
+    view = intel_kvm_guest_view()
+    counters_, msr = rdpmc_records()
+    counters_[0]["control_signal"] = signal.SIGSEGV
+    v = verdicts.rdpmc(EXPECTED, view, counters_, msr)
+    assert v.status == "error" and "control RDPMC(0) in the same process raised SIGSEGV" in v.reason
+
+
+def test_rdpmc_invalid_record_factory_emits_the_probe_keys():
+    source = (PROBES_DIR / "counters.c.j2").read_text()
+    keys = function_keys(source, "static void rdpmc_invalid(void)", "/* This CPU's column of the PMI row")
+    assert set(rdpmc_records()[0][0]) | {"value"} == keys | {"probe", "kind"}
+    setup = function_keys((PROBES_DIR / "msr.c.j2").read_text(), "CR4.PCE, which every RDPMC", "static void *buffer_")
+    assert set(rdpmc_records()[1][-1]) == setup | {"probe", "kind"}
+
+
+def test_rdpmc_beyond_needs_a_valid_rdpmc_in_the_msr_probe():
+    """Every RDPMC in the msr probe faulting: the beyond-index #GP proves nothing, and the valid ones fail."""
+    view = intel_kvm_guest_view()
+    counters_, msr = rdpmc_records()
+    for r in msr:
+        if r["kind"] == "rdpmc":
+            r["signal"] = signal.SIGSEGV
+    v = verdicts.rdpmc(EXPECTED, view, counters_, msr)
+    assert v.status == "fail" and "RDPMC(0x0) raised SIGSEGV" in v.reason and "proves nothing" in v.reason
+
+
+def test_rdpmc_without_a_mapping_in_the_msr_probe_is_an_error():
+    view = intel_kvm_guest_view()
+    counters_, msr = rdpmc_records()
+    msr[-1].update(mmapped=0, user_rdpmc=0)
+    v = verdicts.rdpmc(EXPECTED, view, counters_, msr)
+    assert v.status == "error" and "mmapped=0" in v.reason
+
+
+def test_old_rdpmc_invalid_records_fall_back_to_the_members_rdpmc():
+    """Records from before the control: a member's user-page RDPMC in the same process is the valid one; none
+    succeeding (or user_rdpmc=0) leaves the #GP unproven."""
+    view = intel_kvm_guest_view()
+    counters_, msr = rdpmc_records()
+    for key in ("control_index", "control_signal"):
+        del counters_[0][key]
+    assert verdicts.rdpmc(EXPECTED, view, counters_, msr).status == "pass"
+    v = verdicts.rdpmc(EXPECTED, view, [counters_[0]], msr)
+    assert v.status == "error" and "no valid-index RDPMC" in v.reason
+
+
+def test_members_read_without_cap_user_rdpmc_are_not_compared():
+    """(2)-B: with cap_user_rdpmc=0 the probe made no RDPMC and rdpmc_n is 0: not a gap, a note."""
+    view = intel_kvm_guest_view()
+    counters_, msr = rdpmc_records()
+    counters_[3].update(cap_user_rdpmc=0, rdpmc_n=0)
+    v = verdicts.rdpmc(EXPECTED, view, counters_, msr)
+    assert v.status == "pass" and "1 members not compared with perf's user page" in v.reason
+
+
+# --- bounds checked against the real semantics ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "status"), [(0, "fail"), (1, "pass"), (N, "pass"), (1_080_000, "pass"),
+                                               (1_100_001, "fail")])  # fmt: skip
+def test_llc_misses_allow_for_a_fully_flushed_buffer(value, status):
+    """Every one of the N lines is flushed (flush_buffer), so ~N misses is the expectation, not the worst case as in
+    kvm-unit-tests (one clflush per run); the SDM's LLC Misses event may include speculative misses."""
+    records = gp_group("llc_misses", 0, fixed_index=None, value_n=value)
+    assert verdicts.gp_event(EXPECTED, intel_kvm_guest_view(), records, "llc_misses").status == status
+
+
+def test_lbr_sampling_rate_stays_far_below_the_throttle():
+    """The LBR probe's period is the PMI check's: <= 10 PMIs per 1 ms tick even at 1e10 instructions/s, and enough
+    samples (12-instruction chain iterations) for the call-stack check."""
+    from harness import probe_params
+
+    params = probe_params.lbr_params()
+    assert 1e10 / params["sample_period"] / 1000 <= 100_000 / 1000 / 10
+    assert params["iterations"] * 12 // params["sample_period"] >= params["max_samples"]
+    source = (PROBES_DIR / "lbr.c.j2").read_text()
+    assert "vpmu_prepare_sampling();" in source and "rec_throttle_stats(&c.t);" in source

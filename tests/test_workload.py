@@ -7,14 +7,17 @@ conditional branches. This is what makes the exact in-guest expectations (N-0 di
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from harness.probe_params import counters_params
-from harness.probes import ProbeBuilder
+from harness.probes import PROBES_DIR, ProbeBuilder
 from harness.workloads import LOOP
 from tests.test_verdicts import intel_kvm_guest_view
 
@@ -59,3 +62,62 @@ def test_loop_symbols_bracket_the_code(counters_probe):
     size = symbols["vpmu_loop_end"] - symbols["vpmu_loop"]
     # mov(3) test(3) jz(2) + body: mov(3) add(4) nops dec(3) nop(1) jnz(2) + ret(1), in bytes
     assert size == 3 + 3 + 2 + 3 + 4 + LOOP.nops + 3 + 1 + 2 + 1
+
+
+#: A test-only probe: the window bookkeeping of _common.h.j2 (window_sample/window_delta/rec_windows) on its own,
+#: around a sleep that lets the host's own tick and a page fault in.
+WINDOW_PROBE = """{% include "_common.h.j2" %}
+int main(int argc, char **argv)
+{
+	struct irq_window a, b, d;
+	char *page;
+	pin(argc, argv);
+	window_sample(&a);
+	page = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	page[0] = 1; /* one minor fault */
+	usleep(30000); /* a context switch, and a tick or two on this CPU */
+	window_sample(&b);
+	window_delta(&a, &b, &d);
+	rec_start("window");
+	rec_i64("cpu_irqs", b.irqs);
+	rec_windows(&d, &d);
+	rec_end();
+	done();
+	return 0;
+}
+"""
+
+
+def proc_interrupts_column(cpu: int) -> int:
+    """The same sum in Python: CPU ``cpu``'s column over every row of /proc/interrupts that has one."""
+    lines = Path("/proc/interrupts").read_text().splitlines()
+    column = lines[0].split().index(f"CPU{cpu}")
+    total = 0
+    for line in lines[1:]:
+        fields = line.split(":", 1)[1].split() if ":" in line else []
+        numbers = []
+        for field in fields[: column + 1]:
+            if not field.isdigit():
+                break
+            numbers.append(int(field))
+        if len(numbers) > column:
+            total += numbers[column]
+    return total
+
+
+def test_window_bookkeeping_reads_this_cpus_interrupts(tmp_path):
+    """Review-arch (1)-A: the probes bracket every counted window with window_sample(). On this host the parsed column
+    lies between two Python readings of /proc/interrupts taken around the probe, and the fault and the sleep show."""
+    if not Path("/proc/interrupts").exists():
+        pytest.skip("no /proc/interrupts on this host")
+    probes = tmp_path / "probes"
+    shutil.copytree(PROBES_DIR, probes)
+    (probes / "window.c.j2").write_text(WINDOW_PROBE)
+    probe = ProbeBuilder(probes, tmp_path / "cache").build("window")
+    cpu = min(os.sched_getaffinity(0))
+    before = proc_interrupts_column(cpu)
+    out = subprocess.run([str(probe.binary), str(cpu)], capture_output=True, text=True, check=True).stdout
+    after = proc_interrupts_column(cpu)
+    record = next(r for r in map(json.loads, out.splitlines()) if r["kind"] == "window")
+    assert before <= record["cpu_irqs"] <= after
+    assert record["irq_n"] >= 0 and record["faults_n"] >= 1 and record["switches_n"] >= 1
