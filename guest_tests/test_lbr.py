@@ -35,7 +35,8 @@ def branches(run: ProfileRun):
 def test_legacy_enumeration(profile_run, check):
     """A legacy LBR format and depth appear exactly when expected."""
     view = profile_run.view
-    check.judge(fv.legacy_lbr_enumeration(profile_run.expectation("legacy_lbr"), view), view.records)
+    check.judge(fv.legacy_lbr_enumeration(profile_run.expectation("legacy_lbr"), view,
+                                          fv.guest_kernel_release(profile_run)), view.records)  # fmt: skip
 
 
 @pytest.mark.check("lbr.arch_enumeration")
@@ -51,7 +52,8 @@ def test_arch_enumeration(profile_run, check):
 def test_branch_records(profile_run, check):
     """ANY|USER stacks hold only the probe's own branches and reach the enumerated depth."""
     found = records(profile_run)
-    check.judge(fv.lbr_records(expectation(profile_run), profile_run.view, found, branches(profile_run)), found)
+    check.judge(fv.lbr_records(expectation(profile_run), profile_run.view, found, branches(profile_run),
+                               fv.guest_kernel_release(profile_run)), found)  # fmt: skip
 
 
 @pytest.mark.requires_pmu
@@ -60,4 +62,5 @@ def test_branch_records(profile_run, check):
 def test_call_stack(profile_run, check):
     """CALL_STACK mode inside f3 shows the calls f2->f3, f1->f2, loop->f1."""
     found = records(profile_run)
-    check.judge(fv.lbr_call_stack(expectation(profile_run), profile_run.view, found), found)
+    check.judge(fv.lbr_call_stack(expectation(profile_run), profile_run.view, found,
+                                  fv.guest_kernel_release(profile_run)), found)  # fmt: skip

@@ -3,9 +3,11 @@ templates), with guest views built from the real Sapphire Rapids / Genoa dumps a
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -13,12 +15,16 @@ from harness import feature_verdicts as fv
 from harness.caps import ArchLbr
 from harness.expectations import Expectation
 from harness.guest_view import MsrRead
+from harness.loads import DEFAULT_LOADS_FILE, load_loads
 from harness.probe_params import IBS_OP_CNT_CTL, TOPDOWN_METRICS, ibs_params, lbr_params
 from harness.probes import PROBES_DIR, ProbeBuilder
 from tests.test_verdicts import amd_kvm_guest_view, intel_kvm_guest_view
 
 ON = Expectation("feature", True, "expected: the feature")
 OFF = Expectation("feature", False, "kvm-limit: not upstream")
+HOSTS_DIR = Path(__file__).parent / "data" / "hosts"
+#: The shipped host loads (guest_tests/loads.toml), as the harness reads them.
+LOADS = load_loads(DEFAULT_LOADS_FILE)
 
 
 def template_keys(probe: str, kind: str, error_path: tuple[str, ...] = ()) -> set[str]:
@@ -40,20 +46,27 @@ def with_perf_caps(view, value: int, **sysfs):
 # --- topdown ------------------------------------------------------------------------------------------------
 
 
-def topdown_view():
+#: sysfs of a 6.1 guest kernel that knows Sapphire Rapids: its topdown events (core.c spr_td_events_attrs, shown by
+#: td_is_visible() because PERF_METRICS is enumerated) and its PMU name.
+TOPDOWN_SYSFS = {"cpu/events/slots": "event=0x00,umask=0x4", "cpu/events/topdown-retiring": "event=0x00,umask=0x80",
+                 "cpu/caps/pmu_name": "sapphire_rapids", "cpu/rdpmc": "1"}  # fmt: skip
+
+
+def topdown_view(**sysfs):
     view = intel_kvm_guest_view()
     perfmon = replace(view.caps.arch_perfmon, fixed_counter_mask=0xF, fixed_counters=4)
     view = replace(view, caps=replace(view.caps, arch_perfmon=perfmon))
-    return with_perf_caps(view, 0x2000 | (1 << 15), **{"cpu/events/slots": "event=0x00,umask=0x4"})
+    return with_perf_caps(view, 0x2000 | (1 << 15), **{**TOPDOWN_SYSFS, **sysfs})
 
 
-def topdown(workload, slots, retiring, bad, fe, be, cycles, raw=0xE60A030C, signal=0):
+def topdown(workload, slots, retiring, bad, fe, be, cycles, raw=0xE60A030C, signal=0, fixed3=0, cap_user=1):
     """A topdown record as the probe prints it. ``raw`` is PERF_METRICS as RDPMC(1<<29) returns it: bytes 0-3 are
     retiring, bad speculation, frontend, backend and sum to 0xff (tools/perf/Documentation/topdown.txt); the default
-    0x0c + 0x03 + 0x0a + 0xe6 = 0xff is a backend-bound split."""
+    0x0c + 0x03 + 0x0a + 0xe6 = 0xff is a backend-bound split. ``fixed3`` is the control RDPMC(1<<30 | 3) made just
+    before it, ``cap_user`` the slots event's perf_event_mmap_page.cap_user_rdpmc."""
     return {"probe": "topdown", "kind": "topdown", "workload": workload, "slots": slots, "retiring": retiring,
             "bad_spec": bad, "fe_bound": fe, "be_bound": be, "cycles": cycles, "rdpmc_metrics_signal": signal,
-            "rdpmc_metrics": raw}  # fmt: skip
+            "rdpmc_metrics": raw, "rdpmc_fixed3_signal": fixed3, "rdpmc_cap_user": cap_user}  # fmt: skip
 
 
 def topology(siblings="0"):
@@ -121,6 +134,23 @@ def test_topdown_width_follows_the_core_and_smt():
     assert fv.topdown_width(ON, view, alu_ratio(3.1, siblings="0-1")).observed["guest_smt_sibling"] is True
 
 
+@pytest.mark.parametrize("smt_active", [True, False])
+def test_topdown_width_reads_the_doctor_smt_fact(smt_active):
+    """hostfacts.collect() puts /sys/devices/system/cpu/smt/active into cpu.smt_active (the shipped host files set
+    it true). Active: a ratio between width/2 and width may be a busy sibling (SKIP, "host SMT active: True");
+    inactive: no sibling can share the core (FAIL)."""
+    host = json.loads((HOSTS_DIR / "spr-mediated.json").read_text())
+    assert host["cpu"]["smt_active"] is True
+    host["cpu"]["smt_active"] = smt_active
+    v = fv.topdown_width(ON, topdown_view(), alu_ratio(3.5), host)
+    assert v.observed["host_smt_active"] is smt_active and v.observed["width_source"] == "host CPU model 06_8FH"
+    if smt_active:
+        assert v.status == "skip" and "host SMT active: True" in v.reason
+    else:
+        assert v.status == "fail" and "without SMT" in v.reason
+    assert fv.topdown_width(ON, topdown_view(), alu_ratio(6.0), host).status == "pass"
+
+
 def test_topdown_width_uses_the_host_model_first():
     """A guest running a named CPU model still counts the host core's slots: Ice Lake-SP is 5 wide."""
     icx_host = {"cpu": {"caps": {"vendor": "GenuineIntel", "family": 6, "model": 0x6A}}}
@@ -140,7 +170,7 @@ def test_topdown_read_error_is_not_a_stale_errno():
     assert "got < 0" in source and 'rec_i64("read_bytes", got)' in source
     short = {"probe": "topdown", "kind": "topdown", "workload": "alu", "error": "read", "errno": 5,
              "strerror": "Input/output error", "read_bytes": 0, "cycles": 0, "rdpmc_metrics_signal": -1,
-             "rdpmc_metrics": 0}  # fmt: skip
+             "rdpmc_metrics": 0, "rdpmc_fixed3_signal": -1, "rdpmc_cap_user": -1}  # fmt: skip
     v = fv.topdown_metrics(ON, topdown_view(), [short])
     assert v.status == "fail" and "EIO" in v.reason
 
@@ -149,9 +179,64 @@ def test_topdown_rdpmc():
     view = topdown_view()
     assert fv.topdown_rdpmc(ON, view, GOOD_TOPDOWN).status == "pass"  # 0xcc+0x06+0x13+0x1a = 0xff
     gp = [topdown("alu", 4_000_000, 3_200_000, 100_000, 300_000, 400_000, 1_000_000, signal=11)]
-    assert fv.topdown_rdpmc(ON, view, gp).reason.startswith("kvm-limit: RDPMC of PERF_METRICS")
+    v = fv.topdown_rdpmc(ON, view, gp)
+    assert v.reason.startswith("kvm-limit: RDPMC of PERF_METRICS") and "fixed counter 3 in the same task worked" in \
+        v.reason  # fmt: skip
     bad = [topdown("alu", 4_000_000, 3_200_000, 100_000, 300_000, 400_000, 1_000_000, raw=0x10101010)]
     assert fv.topdown_rdpmc(ON, view, bad).status == "fail"
+
+
+def test_topdown_rdpmc_control_tells_a_disabled_user_rdpmc_apart():
+    """Review R3: with cpu/rdpmc=0 the guest kernel never sets CR4.PCE (x86_pmu_event_mapped() needs
+    PERF_EVENT_FLAG_USER_READ_CNT, reported as cap_user_rdpmc=0), so RDPMC of fixed counter 3 faults as well:
+    not-allowed, not kvm-limit. FC3 faulting although the kernel enabled user RDPMC is the vPMU's fault."""
+    record = topdown("alu", 4_000_000, 3_200_000, 100_000, 300_000, 400_000, 1_000_000, signal=11, fixed3=11,
+                     cap_user=0)  # fmt: skip
+    v = fv.topdown_rdpmc(ON, topdown_view(**{"cpu/rdpmc": "0"}), [record])
+    assert v.status == "skip" and v.reason.startswith("not-allowed: the guest kernel gave this task no user RDPMC")
+    assert "cap_user_rdpmc=0" in v.reason and "cpu/rdpmc=0" in v.reason
+    enabled = {**record, "rdpmc_cap_user": 1}
+    v = fv.topdown_rdpmc(ON, topdown_view(), [enabled])
+    assert v.status == "fail" and "fixed counter 3 (ECX=0x40000003) #GPs" in v.reason
+    old = {k: v for k, v in record.items() if k not in ("rdpmc_fixed3_signal", "rdpmc_cap_user")}
+    assert "no control read in this record" in fv.topdown_rdpmc(ON, topdown_view(), [old]).reason
+    unmapped = topdown("alu", 4_000_000, 3_200_000, 100_000, 300_000, 400_000, 1_000_000, signal=-1, fixed3=-1,
+                       cap_user=-1)  # fmt: skip
+    assert fv.topdown_rdpmc(ON, topdown_view(), [unmapped]).status == "error"
+
+
+def test_topdown_probe_reads_the_control_before_the_metrics():
+    """The control RDPMC runs in the same task under the same fault guard, right before the metrics read."""
+    source = (PROBES_DIR / "topdown.c.j2").read_text()
+    assert source.index("rdpmc_guarded((1U << 30) | 3") < source.index("rdpmc_guarded(1U << 29")
+    assert "cap_user_rdpmc" in source
+
+
+def test_topdown_needs_the_guest_kernels_topdown_events():
+    """Review F3: FC3 and PERF_METRICS enumerated, but a guest kernel without topdown for this model (6.1 on a CPU
+    it does not know: pmu_name generic_arch_v5+) registers no topdown-* events: SKIP in its own words."""
+    view = topdown_view(**{"cpu/caps/pmu_name": "generic_arch_v5+"})
+    view = replace(view, sysfs={k: v for k, v in view.sysfs.items() if k != "cpu/events/topdown-retiring"},
+                   kernel_banner="Performance Events: generic architected perfmon, full-width counters, Intel PMU "
+                                 "driver.")  # fmt: skip
+    assert fv.topdown_enumeration(ON, view).status == "pass"  # KVM and QEMU kept the promise
+    assert not fv.topdown_usable(view) and fv.topdown_usable(topdown_view())
+    for check in (fv.topdown_metrics, fv.topdown_workloads, fv.topdown_rdpmc):
+        v = check(ON, view, GOOD_TOPDOWN, "6.1.0-28-amd64")
+        assert v.status == "skip" and v.reason.startswith("guest-kernel: ")
+        assert "guest kernel 6.1.0-28-amd64" in v.reason and "cpu/caps/pmu_name=generic_arch_v5+" in v.reason
+        assert "generic architected perfmon" in v.reason and "cpu/events/topdown-retiring" in v.reason
+    assert fv.topdown_width(ON, view, GOOD_TOPDOWN, None, "6.1.0-28-amd64").reason.startswith("guest-kernel: ")
+
+
+def test_topdown_needs_both_fc3_and_perf_metrics():
+    """Fixed counter 3 without PERF_METRICS (a mediated vPMU may expose more fixed counters) is not topdown: the
+    measurements are not taken on it, and a promised topdown that shows only FC3 FAILs."""
+    fc3_only = with_perf_caps(topdown_view(), 0x2000)
+    assert not fv.topdown_usable(fc3_only)
+    v = fv.topdown_metrics(ON, fc3_only, GOOD_TOPDOWN)
+    assert v.status == "fail" and "does not enumerate FC3 + PERF_METRICS" in v.reason
+    assert fv.topdown_enumeration(OFF, fc3_only).status == "pass"
 
 
 def test_topdown_skips_when_not_expected():
@@ -240,6 +325,81 @@ def test_lbr_user_filter_is_by_target():
     assert v.status == "pass" and v.observed["kernel_to_user_returns"] == 1
 
 
+def test_lbr_ring_returns_exactly_as_the_review_asks():
+    """Review F2: a kernel->user entry (iret/sysret to the interrupted user IP) passes; an entry whose source and
+    target are both kernel addresses is a leak."""
+    v = fv.lbr_records(ON, lbr_view(), any_records(extra_entry=[0xFFFFFFFF81E00000, F1, 0]))
+    assert v.status == "pass" and v.observed["kernel_to_user_returns"] == 1 and v.observed["kernel_targets"] == 0
+    v = fv.lbr_records(ON, lbr_view(), any_records(extra_entry=[0xFFFFFFFF81E00000, 0xFFFFFFFF81000000, 0]))
+    assert v.status == "fail" and "1 kernel-space branch targets" in v.reason
+
+
+def test_lbr_zero_entries_are_a_reset_not_foreign_branches():
+    """utils.c get_branch_type(): from/to 0 "maybe zero if lbr did not fill up after a reset"."""
+    v = fv.lbr_records(ON, lbr_view(), any_records(extra_entry=[0, 0, 0]))
+    assert v.status == "pass" and v.observed["zero_entries"] == 1 and v.observed["outside_text"] == 0
+
+
+def test_lbr_lost_records_are_judged_by_what_arrived():
+    """Review P3: PERF_RECORD_LOST means the ring was full (ring_buffer.c perf_output_begin()): the stacks that
+    arrived are judged as usual; when none arrived it is the probe's buffer (ERROR), throttling SKIPs."""
+    records = any_records()
+    records[1] = branch_mode("any", 1, 32, lost=3)
+    v = fv.lbr_records(ON, lbr_view(), records)
+    assert v.status == "pass" and v.observed["lost"] == 3
+    all_lost = [layout(), branch_mode("any", 0, 0, lost=2)]
+    v = fv.lbr_records(ON, lbr_view(), all_lost)
+    assert v.status == "error" and "2 PERF_RECORD_LOST" in v.reason
+    nothing = fv.lbr_records(ON, lbr_view(), [layout(), branch_mode("any", 0, 0)])
+    assert nothing.status == "fail" and "no branch-stack samples" in nothing.reason
+    throttled = [sampling_setup("lbr"), layout(), branch_mode("any", 0, 0, throttled=1)]
+    assert fv.lbr_records(ON, lbr_view(), throttled).reason.startswith("guest kernel throttled sampling")
+    cs_lost = [layout(), branch_mode("call_stack", 0, 0, lost=1)]
+    assert fv.lbr_call_stack(ON, lbr_view(), cs_lost).status == "error"
+
+
+def test_lbr_empty_call_stacks():
+    """Review P3: in call-stack mode every sample inside vpmu_chain holds at least the call into it, so stacks that
+    are all empty while the ANY stacks were filled FAIL (they used to SKIP as "no sample in f3"); a run without any
+    call-stack sample FAILs too."""
+    good_any = any_records()
+    empty = [*good_any, branch_mode("call_stack", 50, 0), branch_sample("call_stack", F3 + 1, []),
+             branch_sample("call_stack", CHAIN_JNE, [])]  # fmt: skip
+    v = fv.lbr_call_stack(ON, lbr_view(), empty)
+    assert v.status == "fail" and "all 50 call-stack samples have an empty stack" in v.reason
+    none = [*good_any, branch_mode("call_stack", 0, 0)]
+    assert fv.lbr_call_stack(ON, lbr_view(), none).reason == "no call-stack samples"
+
+
+def test_lbr_reclaimed_by_a_host_user_is_a_skip():
+    """KVM returns 0 for the guest's LBR reads while a host LBR user holds them (pmu_intel.c
+    intel_pmu_handle_lbr_msrs_access()), and the guest kernel drops zero entries: every stack, ANY and call-stack,
+    is empty. A healthy host with a branch-sampling agent does that, so it SKIPs naming the host log line."""
+    records = [layout(), branch_mode("any", 40, 0), branch_sample("any", F3, []), branch_mode("call_stack", 40, 0),
+               branch_sample("call_stack", F3 + 1, [])]  # fmt: skip
+    for check in (fv.lbr_records, fv.lbr_call_stack):
+        v = check(ON, lbr_view(), records)
+        assert v.status == "skip" and v.reason.startswith("host: every branch stack is empty")
+        assert "fail to passthrough LBR" in v.reason
+
+
+def test_lbr_on_a_guest_kernel_that_does_not_know_the_model():
+    """Review F3: legacy LBR is set up only in the model cases of intel_pmu_init(); a guest kernel that does not know
+    the CPU (pmu_name generic_arch_v2+) has no cpu/caps/branches although PERF_CAPABILITIES shows the format."""
+    banner = "Performance Events: generic architected perfmon, full-width counters, Intel PMU driver."
+    generic = replace(with_perf_caps(intel_kvm_guest_view(), 0x2005, **{"cpu/caps/pmu_name": "generic_arch_v2+"}),
+                      kernel_banner=banner)  # fmt: skip
+    v = fv.legacy_lbr_enumeration(ON, generic, "6.1.0-28-amd64")
+    assert v.status == "skip" and v.reason.startswith("guest-kernel: PERF_CAPABILITIES[5:0] shows LBR format 5")
+    assert "guest kernel 6.1.0-28-amd64" in v.reason and "generic architected perfmon" in v.reason
+    for check in (fv.lbr_records, fv.lbr_call_stack):
+        assert check(ON, generic, any_records(), release="6.1.0-28-amd64").reason.startswith("guest-kernel: ")
+    known = with_perf_caps(intel_kvm_guest_view(), 0x2005, **{"cpu/caps/pmu_name": "skylake"})
+    v = fv.legacy_lbr_enumeration(ON, known, "6.1.0-28-amd64")
+    assert v.status == "fail" and "check_msr()" in v.reason  # a kernel that knows the model: the vPMU answers
+    assert fv.lbr_records(ON, known, any_records()).status == "fail"
+
+
 def test_lbr_call_stack():
     chain = one_iteration()[:3]  # the open calls: f2 -> f3, f1 -> f2, chain -> f1
     records = [layout(), branch_mode("call_stack", 2, 3), branch_sample("call_stack", F3 + 1, chain),
@@ -303,6 +463,88 @@ def test_pebs_enumeration():
     assert fv.pebs_enumeration(ON, view).status == "pass"  # SPR dump: DS set in CPUID.1:EDX
     assert fv.pebs_enumeration(OFF, intel_kvm_guest_view()).status == "pass"
     assert "format 3 < 4" in fv.pebs_enumeration(ON, pebs_view(fmt=3)).reason
+
+
+#: What a 6.1 guest kernel prints on a PEBS format 6 CPU it does not know (a Clearwater Forest host): ds.c
+#: intel_ds_init() "no PEBS fmt%d%c, " (pebs_trap set -> '+'), core.c intel_pmu_init() "generic architected
+#: perfmon, ".
+FMT6_ON_6_1 = "Performance Events: no PEBS fmt6+, generic architected perfmon, full-width counters, Intel PMU driver."
+
+
+def test_pebs_format_the_guest_kernel_does_not_know():
+    """Review F3: KVM and QEMU enumerate PEBS format 6, the 6.1 guest kernel switches PEBS off in its own words:
+    SKIP naming the kernel, not FAIL blaming the host. Without such words a max_precise of 0 still FAILs."""
+    fmt6 = replace(pebs_view(fmt=6, max_precise=0), kernel_banner=FMT6_ON_6_1)
+    v = fv.pebs_enumeration(ON, fmt6, "6.1.0-28-amd64")
+    assert v.status == "skip" and v.reason.startswith("guest-kernel: PERF_CAPABILITIES[11:8] shows PEBS format 6")
+    assert '"no PEBS fmt6+"' in v.reason and "guest kernel 6.1.0-28-amd64" in v.reason
+    for level in (1, 2, 3):
+        assert fv.pebs_precise(ON, fmt6, [], level, release="6.1.0-28-amd64").reason.startswith("guest-kernel: ")
+    assert fv.pebs_ldlat(ON, fmt6, [], 30, release="6.1.0-28-amd64").reason.startswith("guest-kernel: ")
+    silent = pebs_view(fmt=4, max_precise=0)
+    assert fv.pebs_enumeration(ON, silent).status == "fail"
+    assert fv.pebs_precise(ON, silent, [], 1).status == "fail"
+    assert fv.pebs_enumeration(OFF, fmt6).status == "pass"  # not expected: absent, as expected
+
+
+def test_pebs_without_a_constraint_on_an_unknown_model():
+    """A guest kernel that does not know the CPU model has no PEBS constraint table, and without baseline no
+    PMU_FL_PEBS_ALL: intel_pebs_constraints() gives &emptyconstraint and perf_event_open() answers EINVAL."""
+    view = replace(pebs_view(fmt=5), sysfs={**pebs_view(fmt=5).sysfs, "cpu/caps/pmu_name": "generic_arch_v5+"})
+    einval = {"probe": "pebs", "kind": "precise", "precise_ip": 1, "config": 0x81D0, "error": "perf_event_open",
+              "errno": 22, "strerror": "Invalid argument"}  # fmt: skip
+    v = fv.pebs_precise(ON, view, [einval], 1, release="6.1.0-28-amd64")
+    assert v.status == "skip" and "&emptyconstraint" in v.reason
+    n = 1_000_000 // 10_007
+    assert fv.pebs_precise(ON, view, [precise(1, n, n)], 1).status == "pass"  # scheduled anyway: judged
+    known = pebs_view(fmt=5)
+    assert fv.pebs_precise(ON, known, [{**einval}], 1).status == "fail"
+
+
+def test_pebs_shortfall_under_a_competing_host_load():
+    """Review F4: intel_guest_get_msrs() switches guest PEBS off while the host has a PEBS event on that CPU or the
+    guest counter is cross-mapped, which a host load on the PMU makes possible. A shortfall there SKIPs with the
+    numbers; under idle and the software-only load it still FAILs, and wrong IPs FAIL under any load."""
+    view, n = pebs_view(fmt=4), 1_000_000 // 10_007
+    for name in ("host-multiplexing", "host-counting-host-only", "host-pinned", "host-sampling"):
+        v = fv.pebs_precise(ON, view, [precise(1, 0, 0)], 1, LOADS[name])
+        assert v.status == "skip" and v.reason.startswith(f"host-load: 0 PEBS samples where {n} +/- 2 are due")
+        assert f"host load {name} (" in v.reason and "cross-mapped" in v.reason
+    for name in ("idle", "host-sw-counting"):
+        v = fv.pebs_precise(ON, view, [precise(1, 0, 0)], 1, LOADS[name])
+        assert v.status == "fail" and f"0 samples, want {n} +/- 2" in v.reason
+    assert fv.pebs_precise(ON, view, [precise(1, 0, 0)], 1).status == "fail"  # no load known: strict
+    wrong = precise(2, 40, 20, 20)  # short and half of the IPs off by one: wrong data under any load
+    v = fv.pebs_precise(ON, view, [wrong], 2, LOADS["host-multiplexing"])
+    assert v.status == "fail" and "only 20 of 40 IPs at the load" in v.reason and "samples, want" not in v.reason
+    too_many = fv.pebs_precise(ON, view, [precise(2, n + 5, n + 5)], 2, LOADS["host-multiplexing"])
+    assert too_many.status == "fail"
+    assert fv.pebs_precise(ON, view, [precise(2, n, n)], 2, LOADS["host-sampling"]).status == "pass"
+    v = fv.pebs_ldlat(ON, pebs_view(fmt=4, baseline=True), [ldlat(0, 0, 0)], 30, LOADS["host-pinned"])
+    assert v.status == "skip" and v.reason.startswith("host-load: 0 PEBS samples")
+    assert fv.pebs_ldlat(ON, pebs_view(fmt=4, baseline=True), [ldlat(0, 0, 0)], 30, LOADS["idle"]).status == "fail"
+
+
+def test_competing_loads_are_the_ones_on_the_pmu():
+    """Every shipped load: core-PMU events compete, idle and software-only loads do not."""
+    competing = {name for name, spec in LOADS.items() if fv.pebs_competing_load(spec)}
+    assert competing == set(LOADS) - {"idle", "host-sw-counting"}
+    assert fv.pebs_competing_load(None) is None
+
+
+def test_guest_kernel_release_of_live_and_replayed_runs():
+    class Image:
+        kernel_release = "6.1.0-28-amd64"
+
+    class Live:
+        image = Image()
+
+    class Replayed:
+        def summary(self):
+            return {"kernel_release": "6.12.9-amd64"}
+
+    assert fv.guest_kernel_release(Live()) == "6.1.0-28-amd64"
+    assert fv.guest_kernel_release(Replayed()) == "6.12.9-amd64"
 
 
 def test_pebs_precise_levels():
@@ -458,11 +700,27 @@ def test_ibs_sampling(pmu):
     view = ibs_view()
     v = fv.ibs_sampling(ON, view, ibs_records(pmu), pmu)
     assert v.status == "pass" and v.observed["raw_size_unexpected"] == 0
-    assert "without the Val bit" in fv.ibs_sampling(ON, view, ibs_records(pmu, val=False), pmu).reason
+    v = fv.ibs_sampling(ON, view, ibs_records(pmu, val=False), pmu)
+    assert v.status == "error" and "lack the Val bit" in v.reason and "misaligned" in v.reason
     assert "inside the loop" in fv.ibs_sampling(ON, view, ibs_records(pmu, inside=False), pmu).reason
     register = "IbsOpRip" if pmu == "ibs_op" else "IbsFetchLinAd"
     assert f"differs from {register}" in fv.ibs_sampling(ON, view, ibs_records(pmu, ip_matches=False), pmu).reason
     assert fv.ibs_sampling(OFF, view, [], pmu).status == "skip"
+
+
+def test_ibs_ring_overflow_is_the_probes_buffer():
+    """PERF_RECORD_LOST only: the ring was full (ring_buffer.c perf_output_begin()), an ERROR of the probe."""
+    mode = {**ibs_mode("ibs_op", 0), "lost": 4}
+    v = fv.ibs_sampling(ON, ibs_view(), [mode], "ibs_op")
+    assert v.status == "error" and "4 PERF_RECORD_LOST" in v.reason
+    assert fv.ibs_sampling(ON, ibs_view(), [ibs_mode("ibs_op", 0)], "ibs_op").status == "fail"
+
+
+def test_ibs_sampling_needs_the_guest_kernels_pmus():
+    """CPUID shows IBS but the guest kernel registered no ibs_op/ibs_fetch PMU (the probe cannot run): the promise
+    is broken (FAIL, as ibs.enumeration says), not a harness error."""
+    v = fv.ibs_sampling(ON, amd_kvm_guest_view(), [], "ibs_op")
+    assert v.status == "fail" and "registered no ibs_op/ibs_fetch PMU" in v.reason
 
 
 @pytest.mark.parametrize("pmu", ["ibs_op", "ibs_fetch"])
