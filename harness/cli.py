@@ -1,7 +1,9 @@
 """``python -m harness``: doctor, caps, image build, exec, run, report, plan and rejudge.
 
-Every user mistake ends as one ``ERROR: ...`` line on stderr and exit code 2; harness failures (a guest that
-does not boot, a missing tool) as one error block and exit 1. Exit codes come from :class:`ExitCode`.
+Every user mistake ends as one ``ERROR: ...`` line on stderr and exit code 2 — bad input, an output that cannot be
+written (full, read-only, a file in the way: checked before anything boots), a host program that is not installed;
+harness failures (a guest that does not boot or dies) as one error block and exit 1. Exit codes come from
+:class:`ExitCode`. tests/test_cli_inputs.py runs every command over a table of such faults.
 """
 
 from __future__ import annotations
@@ -11,20 +13,33 @@ import contextlib
 import io
 import json
 import logging
+import math
+import os
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness import caps as caps_mod
-from harness import hostfacts
+from harness import hostfacts, outputs
 from harness.cpuid_dump import load_cpuid_dump
-from harness.errors import ExitCode, GuestCommandError, HarnessError, UsageError
-from harness.image import build_image, find_or_build_image
-from harness.loads import DEFAULT_LOADS_FILE, load_loads, select_loads
+from harness.errors import ExitCode, GuestError, HarnessError, OutputError, ToolMissingError, UsageError
+from harness.image import Image, build_image, find_or_build_image, kernel_release_of
+from harness.paths import GUEST_TESTS_DIR
 from harness.profiles import ACCELS, DEFAULT_PROFILES_FILE, load_profiles, select_profile
+
+if TYPE_CHECKING:
+    import pytest
+
+    from harness.loads import LoadSpec
+
+#: guest_tests/loads.toml (harness.loads.DEFAULT_LOADS_FILE; harness.loads is imported only by the commands that
+#: read loads: it pulls in qemu.qmp and asyncio, a tenth of a second every other command need not pay).
+DEFAULT_LOADS_NAME = "loads.toml"
 
 DEFAULT_EXEC_TIMEOUT_S = 600.0
 DEFAULT_BOOT_TIMEOUT_S = 120.0
@@ -46,6 +61,17 @@ def _hex_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number (e.g. 0x33c5)") from None
     if not 0 <= value <= caps_mod.PERF_CAP_MAX:
         raise argparse.ArgumentTypeError(f"'{text}' does not fit a 64-bit MSR")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse's float takes 'nan', 'inf' and negatives)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}': give a positive, finite number of seconds")
     return value
 
 
@@ -86,9 +112,9 @@ def make_parser() -> argparse.ArgumentParser:
     execp.add_argument("--profiles-file", type=Path, default=DEFAULT_PROFILES_FILE, metavar="FILE")
     execp.add_argument("--image", type=Path, metavar="DIR", help="guest image directory (default: build/use cache)")
     execp.add_argument("--accel", choices=ACCELS, help="override the accelerator doctor picks")
-    execp.add_argument("--timeout", type=float, default=DEFAULT_EXEC_TIMEOUT_S, metavar="S",
+    execp.add_argument("--timeout", type=_seconds, default=DEFAULT_EXEC_TIMEOUT_S, metavar="S",
                        help=f"seconds the command may run (default {DEFAULT_EXEC_TIMEOUT_S:.0f})")  # fmt: skip
-    execp.add_argument("--boot-timeout", type=float, default=DEFAULT_BOOT_TIMEOUT_S, metavar="S",
+    execp.add_argument("--boot-timeout", type=_seconds, default=DEFAULT_BOOT_TIMEOUT_S, metavar="S",
                        help=f"seconds until SSH must work (default {DEFAULT_BOOT_TIMEOUT_S:.0f})")  # fmt: skip
     execp.add_argument("--log-dir", type=Path, metavar="DIR", help="keep serial.log and qemu.log here")
     execp.add_argument("--dry-run", action="store_true",
@@ -106,7 +132,7 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--load", action="append", default=[], metavar="NAME",
                      help="host perf load (repeatable; default: idle only)")  # fmt: skip
     run.add_argument("--all-loads", action="store_true", help="run under every load in the loads file")
-    run.add_argument("--loads-file", type=Path, default=DEFAULT_LOADS_FILE, metavar="FILE")
+    run.add_argument("--loads-file", type=Path, default=GUEST_TESTS_DIR / DEFAULT_LOADS_NAME, metavar="FILE")
     run.add_argument("--out", type=Path, default=Path("out"), metavar="DIR", help="report directory (default: out)")
     run.add_argument("--image", type=Path, metavar="DIR", help="guest image directory (default: build/use cache)")
     run.add_argument("--kernel", type=Path, metavar="PATH", help="build the guest image from this bzImage")
@@ -225,7 +251,11 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
 
 def _exec_accel(requested: str | None) -> str:
-    choice = hostfacts.choose_accel(hostfacts.kvm_facts(), hostfacts.cpuinfo_flags(), hostfacts.qemu_facts())
+    """The accelerator exec boots with; a missing QEMU is :class:`ToolMissingError` (one line, exit 2)."""
+    qemu = hostfacts.qemu_facts()
+    choice = hostfacts.choose_accel(hostfacts.kvm_facts(), hostfacts.cpuinfo_flags(), qemu)
+    if qemu.get("path") is None:
+        raise ToolMissingError(choice.reason)
     return hostfacts.resolve_accel(requested, choice)
 
 
@@ -242,6 +272,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not profile.applies_to(accel):
         raise UsageError(f"{args.profiles_file}: [{profile.name}] does not apply to accelerator {accel} "
                          f"(accels = {list(profile.accels)})")  # fmt: skip
+    if args.log_dir is not None and not args.dry_run:  # before the image build and the boot: one line, exit 2
+        outputs.prepare_dir(args.log_dir, "--log-dir", ("serial.log", "qemu.log"))
     image = find_or_build_image(args.image, log=lambda msg: print(msg, file=sys.stderr))
     config = MachineConfig(image=image, accel=accel, cpu=profile.cpu_for(accel))
     if args.dry_run:
@@ -252,7 +284,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
                                          config.cpu)  # fmt: skip
         try:
             result = guest.ssh.run(" ".join(command), timeout_s=args.timeout)
-        except GuestCommandError as exc:
+        except GuestError as exc:  # a timeout, or the guest gone (QEMU's exit, a panic, a frozen QEMU): with the tail
             raise HarnessError(f"{exc}\n--- serial log (tail) ---\n{guest.machine.serial_tail()}") from exc
     sys.stdout.write(result.stdout)
     sys.stderr.write(result.stderr)
@@ -264,6 +296,47 @@ def cmd_exec(args: argparse.Namespace) -> int:
 PYTEST_EXIT = {0: ExitCode.OK, 1: ExitCode.FAILED, 2: ExitCode.INTERRUPTED, 3: ExitCode.FAILED, 4: ExitCode.USAGE}
 
 
+#: What run and rejudge write into --out (each whole or not at all: harness.outputs).
+REPORT_FILES = ("results.json", "junit.xml", "matrix.md", "matrix.html")
+
+
+class _SessionConfig:
+    """A pytest plugin object that keeps the session's config, to read what the vpmu plugin recorded after
+    ``pytest.main`` returns (an output it could not write)."""
+
+    config: pytest.Config | None = None
+
+    def pytest_configure(self, config: pytest.Config) -> None:
+        self.config = config
+
+    def raise_output_error(self) -> None:
+        """:raises OutputError: results.json, junit.xml or a report could not be written (one line, exit 2)."""
+        from harness.pytest_plugin import STATE_KEY
+
+        state = self.config.stash.get(STATE_KEY, None) if self.config is not None else None
+        if state is not None and state.output_error:
+            raise OutputError(state.output_error)
+
+
+def _check_guest_inputs(args: argparse.Namespace) -> None:
+    """Before pytest starts: QEMU is installed, --image is an image, --kernel a bzImage (inside pytest these
+    would surface as an error per check, after the suite has been collected)."""
+    if shutil.which(hostfacts.QEMU_BINARY) is None:
+        raise ToolMissingError(f"{hostfacts.QEMU_BINARY} is not installed (Debian package qemu-system-x86)")
+    if args.image is not None:
+        Image.load(args.image)
+    if args.kernel is not None:
+        kernel_release_of(args.kernel)
+
+
+def _check_load_programs(loads: list[LoadSpec]) -> None:
+    """A selected host load whose program (perf) is not installed: one line before any boot, not a SKIP per check."""
+    for spec in loads:
+        if spec.command and shutil.which(spec.command[0]) is None:
+            package = " (Debian package linux-perf)" if spec.command[0] == "perf" else ""
+            raise ToolMissingError(f"load '{spec.name}' needs `{spec.command[0]}`, which is not installed{package}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import pytest
 
@@ -272,12 +345,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     profiles = load_profiles(args.profiles_file)
     for name in args.profile:
         select_profile(profiles, name, args.profiles_file)
-    select_loads(load_loads(args.loads_file), args.load, args.all_loads, args.loads_file)
+    from harness.loads import load_loads, select_loads
+
+    loads = load_loads(args.loads_file)
+    selected_loads = select_loads(loads, args.load, args.all_loads, args.loads_file)
     if args.image is not None and args.kernel is not None:
         raise UsageError("run: give --image or --kernel, not both")
     extra = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    _check_guest_inputs(args)
+    _check_load_programs([loads[name] for name in selected_loads])
+    out = outputs.prepare_dir(args.out, "--out", REPORT_FILES, subdirs=["logs"])  # before anything boots
     argv = [str(GUEST_TESTS_DIR), "-p", "no:cacheprovider", "-q", "--profiles-file", str(args.profiles_file),
             "--results", str(out / "results.json"), "--junitxml", str(out / "junit.xml"),
             "--vpmu-log-dir", str(out / "logs")]  # fmt: skip
@@ -298,12 +375,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, interrupt_on_sigterm)
+    session = _SessionConfig()
     try:
-        code = pytest.main([*argv, *extra])
+        code = pytest.main([*argv, *extra], plugins=[session])
     finally:
         signal.signal(signal.SIGTERM, previous)
     if terminated:
         return 128 + terminated[0]
+    session.raise_output_error()
     if code == 5:
         print("ERROR: run: no checks selected (check -k/-m arguments)", file=sys.stderr)
         return ExitCode.USAGE
@@ -319,7 +398,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         return ExitCode.FAILED if changes.regressions else ExitCode.OK
     paths = [args.results] if args.report_command == "render" else args.results
     documents = results.load_many(paths)
-    md_path, html_path = render.write(matrix.build(documents), args.out)
+    outputs.prepare_dir(args.out, "--out", ("matrix.md", "matrix.html"))
+    md_path, html_path = render.write(matrix.build(documents), args.out, "--out")
     print(f"wrote {md_path} and {html_path}")
     return ExitCode.OK
 
@@ -334,6 +414,19 @@ def _run_pytest_quietly(argv: list[str]) -> tuple[int, str]:
     return int(code), out.getvalue()
 
 
+@contextlib.contextmanager
+def _temporary_directory(prefix: str) -> Iterator[str]:
+    """tempfile.TemporaryDirectory, with "no usable temporary directory" (TMPDIR full, read-only, missing) as one
+    OutputError line instead of a traceback."""
+    try:
+        tmp = tempfile.TemporaryDirectory(prefix=prefix)
+    except OSError as exc:
+        where = os.environ.get("TMPDIR") or tempfile.gettempdir()
+        raise OutputError(f"TMPDIR {where}: cannot create a temporary directory: {outputs.reason(exc)}") from None
+    with tmp as path:
+        yield path
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from harness import plan
     from harness.paths import GUEST_TESTS_DIR
@@ -342,7 +435,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     profiles = load_profiles(args.profiles_file)
     for name in args.profile:
         select_profile(profiles, name, args.profiles_file)
-    with tempfile.TemporaryDirectory(prefix="vpmu-plan-") as tmp:
+    with _temporary_directory("vpmu-plan-") as tmp:
         target = Path(tmp) / "plan.json"
         argv = [str(GUEST_TESTS_DIR), "-p", "no:cacheprovider", "-q", "--collect-only", "--vpmu-plan", str(target),
                 "--vpmu-host-facts", str(args.host_facts), "--profiles-file", str(args.profiles_file)]  # fmt: skip
@@ -370,14 +463,15 @@ def cmd_rejudge(args: argparse.Namespace) -> int:
     results.load(args.results)  # one ERROR line for a file that is no results file
     if args.host_facts is not None:
         plan.load_host_facts(args.host_facts)
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    out = outputs.prepare_dir(args.out, "--out", REPORT_FILES)
     # --tb=native: Python's own tracebacks; pytest's source-annotated ones cost a second per 100 errors here.
     argv = [str(GUEST_TESTS_DIR), "-p", "no:cacheprovider", "-q", "--tb=native", "--vpmu-replay", str(args.results),
             "--results", str(out / "results.json"), "--junitxml", str(out / "junit.xml")]  # fmt: skip
     if args.host_facts is not None:
         argv += ["--vpmu-host-facts", str(args.host_facts)]
-    code = int(pytest.main(argv))
+    session = _SessionConfig()
+    code = int(pytest.main(argv, plugins=[session]))
+    session.raise_output_error()
     if code == 4:
         return ExitCode.USAGE
     if code not in (0, 1, 5) or not (out / "results.json").exists():
@@ -404,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "image":
             return cmd_image_build(args)
         return handlers[args.command](args)
-    except UsageError as exc:
+    except (UsageError, ToolMissingError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     except HarnessError as exc:

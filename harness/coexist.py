@@ -109,7 +109,11 @@ def host_load(
 
     The refusal is host-wide (nr_mediated_pmu_vms counts every VM), so on a mediated host a refusal seen by a VM
     that holds no mediated PMU came from another VM: not this run's to judge. Without ``holder`` the host's vPMU
-    mode alone decides (callers that do not know the run)."""
+    mode alone decides (callers that do not know the run).
+
+    A before-boot load (loads.toml ``start = "before-boot"``) exists before this VM does, so no refusal is due to it:
+    the mediated vPMU refuses the VM instead (perf_create_mediated_pmu -EBUSY), which coexist.load_before_boot
+    judges; here it must simply run and count, and a refusal can only be another VM's."""
     if spec.idle:
         return skipped("not-applicable: the idle baseline runs no host load")
     if result is None:
@@ -119,7 +123,11 @@ def host_load(
     evidence = snapshot or result.events
     observed = {"status": result.status, "events": evidence, "reason": result.reason, "probe": result.probe,
                 "mediated_pmu": {"holds": holder.holds, "why": holder.why}}  # fmt: skip
-    if spec.counts_guest and holder.holds:
+    if spec.before_boot and result.status == "refused":
+        return skipped(f"not-applicable: {spec.name} started before this VM existed, so another VM's mediated PMU made "
+                       f"the kernel refuse it (kernel/events/core.c mediated_pmu_account_event counts every VM's): "
+                       f"{result.reason}", "running", observed)  # fmt: skip
+    if spec.counts_guest and holder.holds and not spec.before_boot:
         if result.status == "refused":
             return passed(f"{holder.why}; the kernel refused the host's include-guest event: {result.reason}",
                           "refused", observed)  # fmt: skip

@@ -7,6 +7,7 @@ of the stream (QEMU exited), or the deadline.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import threading
@@ -14,6 +15,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from harness import outputs
 
 #: Read size; the console is slow, this only bounds one copy.
 CHUNK = 65536
@@ -25,7 +28,7 @@ MAX_BUFFER = 8 << 20
 class ConsoleMatch:
     """Result of :meth:`ConsoleLog.wait_for`: which pattern matched (None on EOF or timeout) and why it ended."""
 
-    outcome: str  # "match", "failure", "eof", "timeout"
+    outcome: str  # "match", "failure", "eof", "timeout"; QemuMachine adds "frozen" (text: why)
     text: str = ""
 
 
@@ -39,6 +42,10 @@ class ConsoleLog:
         self._eof = False
         self._cond = threading.Condition()
         self._log = open(log_path, "ab", buffering=0)  # noqa: SIM115 - closed by the reader thread at EOF
+        #: Why serial.log stopped growing (a failed write), and how much reached it / did not.
+        self.write_error: str | None = None
+        self.written_bytes = 0
+        self.lost_bytes = 0
         self._thread = threading.Thread(target=self._drain, name=f"console:{log_path.name}", daemon=True)
         self._thread.start()
 
@@ -51,7 +58,7 @@ class ConsoleLog:
                     chunk = b""
                 if not chunk:
                     break
-                self._log.write(chunk)
+                self._write_log(chunk)
                 with self._cond:
                     self._buffer += chunk
                     if len(self._buffer) > MAX_BUFFER:
@@ -62,6 +69,27 @@ class ConsoleLog:
             with self._cond:
                 self._eof = True
                 self._cond.notify_all()
+
+    def _write_log(self, chunk: bytes) -> None:
+        """Append to serial.log. A failed write (ENOSPC, EIO) must not stop the drain (an undrained pipe stalls the
+        guest, a dead reader looks like QEMU's EOF): the loss is recorded for results.json (harness.outputs
+        ``logs_incomplete``) and the rest is kept only in memory, where the serial tail still comes from."""
+        if self.write_error is not None:
+            self.lost_bytes += len(chunk)
+            return
+        view = memoryview(chunk)
+        try:
+            while view:  # a raw write may be short (a nearly full disk); the next one raises the error
+                written = self._log.write(view)
+                if not written:  # no progress (0 or None): give up rather than spin
+                    raise OSError(errno.EIO, "write to the serial log made no progress")
+                view = view[written:]
+            self.written_bytes += len(chunk)
+        except OSError as exc:
+            self.lost_bytes += len(view)
+            self.written_bytes += len(chunk) - len(view)
+            self.write_error = f"{outputs.reason(exc)} after {self.written_bytes} bytes; the rest was not written"
+            outputs.record_incomplete(self.log_path, f"serial console: {self.write_error}")
 
     def text(self) -> str:
         with self._cond:

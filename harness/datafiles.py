@@ -18,6 +18,8 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
         return tomllib.loads(Path(path).read_text())
     except OSError as exc:
         raise UsageError(f"{path}: cannot read {what}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not a text file (not UTF-8 at byte {exc.start}); expected a TOML {what}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path}: not valid TOML: {exc}") from None
 

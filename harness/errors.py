@@ -4,7 +4,8 @@
 
     HarnessError
      +-- UsageError          bad input from the user (file, field, allowed values): exit 2, one line
-     +-- ToolMissingError    a host program the harness needs is not installed
+     |    +-- OutputError    an output cannot be written (full, read-only, not a directory): exit 2, one line
+     +-- ToolMissingError    a host program the harness needs is not installed (the CLI: exit 2, one line)
      +-- ImageBuildError     the guest image could not be built
      +-- GuestError
           +-- LaunchError        QEMU did not start (exit code, argv, QEMU's own output)
@@ -25,7 +26,8 @@ class ExitCode(enum.IntEnum):
     OK = 0
     #: A check failed or errored, or (doctor) the suite cannot run on this host at all.
     FAILED = 1
-    #: Bad input: unknown profile or load, malformed data file, bad option value.
+    #: Bad input: unknown profile or load, malformed data file, bad option value; an output that cannot be written
+    #: (OutputError); a host program that is not installed (ToolMissingError). Nothing ran: the user fixes it.
     USAGE = 2
     #: Interrupted by the user (Ctrl-C); mirrors the shell's 128 + SIGINT.
     INTERRUPTED = 130
@@ -37,6 +39,11 @@ class HarnessError(Exception):
 
 class UsageError(HarnessError):
     """The user gave bad input; the message is one line naming the file, field and allowed values."""
+
+
+class OutputError(UsageError):
+    """An output (results, reports, logs, an image) cannot be written where the user asked: the file system is full
+    or read-only, permission is denied, or a file stands where a directory must be. One line naming the path."""
 
 
 class ToolMissingError(HarnessError):

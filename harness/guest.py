@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import BootError, SshError
+from harness.lifetime import phase
 from harness.machine import DEFAULT_BOOT_TIMEOUT_S, QemuMachine
 from harness.qemu_argv import MachineConfig
 from harness.ssh import GuestSession
@@ -49,11 +50,13 @@ def boot_guest(
     :param before_start: with ``config.paused``, called with the stopped machine (e.g. to read what QEMU
         granted over QMP) before the vCPUs are started with QMP ``cont``.
     :raises LaunchError: QEMU did not start.
-    :raises BootError: panic, hang, QEMU death or no SSH within ``timeout_s``; the serial tail is attached.
+    :raises BootError: panic, hang, QEMU death or no SSH within ``timeout_s``; a QEMU that stops answering QMP
+        (frozen) ends the wait within about 15 s instead; the serial tail is attached.
     """
     with QemuMachine(config, log_dir=log_dir) as machine:
         if config.paused:
             if before_start is not None:
+                phase("capability_probe", machine=machine)
                 before_start(machine)
             machine.qmp("cont")
         times = BootTimes()
@@ -61,14 +64,15 @@ def boot_guest(
         times.console_ready_s = machine.wait_ready(timeout_s)
         port = machine.ssh_port()
         remaining = max(1.0, timeout_s - (time.monotonic() - start))
-        session = GuestSession("127.0.0.1", port, config.image.client_key, config.image.host_key)
+        session = GuestSession("127.0.0.1", port, config.image.client_key, config.image.host_key, peer=machine)
         try:
+            phase("ssh_ready", machine=machine, session=session)
             try:
                 session.connect(remaining)
             except SshError as exc:
-                state = "running" if machine.is_running() else f"exited with code {machine.exitcode}"
-                raise BootError(f"guest console is up but SSH is not ({exc}); QEMU {state}",
-                                machine.serial_tail()) from exc  # fmt: skip
+                state = machine.gone() or "QEMU is running"
+                reason = f"guest console is up but SSH is not ({exc})" + ("" if state in str(exc) else f"; {state}")
+                raise BootError(reason, machine.serial_tail()) from exc
             times.ssh_ready_s = time.monotonic() - machine.launched_at
             yield Guest(machine, session, times)
         finally:

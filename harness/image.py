@@ -4,12 +4,20 @@ The image directory holds ``vmlinuz``, ``initramfs.cpio.gz``, the client key pai
 ``manifest.json``. It is cached by a key that hashes every input (kernel package version or kernel file,
 binaries and their libraries, the init files, the module list), so a second build with the same inputs is a
 no-op. Every tool the build runs is checked first and a missing one names its Debian package.
+
+Computing that key (apt-cache to resolve the Debian kernel, ldd of each binary, sha256 of every input) took about
+2 s of every ``exec``; :class:`KeyMemo` keeps each of those answers in the cache directory, keyed by the identity
+(path, size, mtime_ns, ctime_ns, inode, device) of every file it was computed from, so a second ``exec`` only
+stats files. Any change to an input file — or to apt's state, or to ld.so.cache — changes an identity and the
+answer is computed again.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,8 +31,8 @@ from typing import Any
 
 import jinja2
 
-from harness import cpio
-from harness.errors import ImageBuildError, ToolMissingError, UsageError
+from harness import cpio, outputs
+from harness.errors import ImageBuildError, OutputError, ToolMissingError, UsageError
 from harness.paths import IMAGES_DIR, cache_root
 
 #: Bump when the image layout or the way it is assembled changes, so old caches are not reused.
@@ -57,6 +65,9 @@ TOOL_PACKAGES = {
 }
 
 Log = Callable[[str], None]
+LOG = logging.getLogger(__name__)
+#: errnos of a write that failed because of where it goes (the user's --out or cache), not because of an input.
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)
 
 
 @dataclass(frozen=True)
@@ -81,13 +92,23 @@ class Image:
                 f"{directory}: not a vpmu guest image (missing {', '.join(missing)}); "
                 f"build one with `python -m harness image build --out {directory}`"
             )
-        manifest = json.loads((directory / "manifest.json").read_text())
+        rebuild = f"rebuild it with `python -m harness image build --out {directory}`"
+        try:
+            manifest = json.loads((directory / "manifest.json").read_text())
+            host_key = (directory / "host_key.pub").read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"{directory}: cannot read the image: {exc.filename}: {outputs.reason(exc)}") from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise UsageError(f"{directory}: damaged image ({type(exc).__name__} in manifest.json or host_key.pub); "
+                             f"{rebuild}") from None  # fmt: skip
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("kernel_release"), str):
+            raise UsageError(f"{directory}: manifest.json has no 'kernel_release'; {rebuild}")
         return cls(
             directory=directory,
             kernel=directory / "vmlinuz",
             initrd=directory / "initramfs.cpio.gz",
             client_key=directory / "id_ed25519",
-            host_key=(directory / "host_key.pub").read_text().strip(),
+            host_key=host_key,
             kernel_release=manifest["kernel_release"],
             manifest=manifest,
         )
@@ -129,6 +150,130 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# --- the cache-key memo -------------------------------------------------------------------------------------
+
+#: The memo file in the cache directory, and its format version (a different version is ignored, not read).
+KEY_MEMO = "key-memo.json"
+MEMO_VERSION = 1
+#: Entries kept per kind (the least recently used go first).
+MEMO_ENTRIES = 256
+#: A file modified less than this long ago is not memoized: a second write within the file system's timestamp
+#: granularity could leave size and mtime unchanged (git's "racy clean" problem).
+RACY_NS = 2_000_000_000
+#: What apt-cache's answer depends on: the package lists, dpkg's status, sources, pins and configuration.
+APT_STATE = (Path("/var/lib/apt/lists"), Path("/var/lib/dpkg/status"), Path("/etc/apt/sources.list"),
+             Path("/etc/apt/sources.list.d"), Path("/etc/apt/preferences"), Path("/etc/apt/preferences.d"),
+             Path("/etc/apt/apt.conf"), Path("/etc/apt/apt.conf.d"))  # fmt: skip
+#: What ldd's answer depends on besides the binary: the loader's cache and its search path.
+LD_CACHE = Path("/etc/ld.so.cache")
+
+
+def identity(path: Path) -> list[Any]:
+    """``[path, size, mtime_ns, ctime_ns, inode, device]`` of a file (symlinks followed), or ``[path, None]``
+    when it does not exist: any rewrite, replacement or rename onto it changes the list."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [str(path), None]
+    return [str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _tree_identity(paths: tuple[Path, ...]) -> list[list[Any]]:
+    """Identities of files and of the entries of directories (one level, as apt reads them)."""
+    found = []
+    for path in paths:
+        found.append(identity(path))
+        if path.is_dir():
+            found += [identity(entry) for entry in sorted(path.iterdir()) if entry.is_file()]
+    return found
+
+
+def _settled(ident: list[Any]) -> bool:
+    """The file exists and was not modified within RACY_NS (its identity can be trusted as a memo key)."""
+    return ident[1] is not None and time.time_ns() - ident[2] >= RACY_NS
+
+
+class KeyMemo:
+    """Answers that go into the image cache key, remembered by the identities of the files they came from.
+
+    Kinds: ``sha256`` (file identity -> digest), ``ldd`` (binary + ld.so.cache identity -> library paths),
+    ``apt`` (apt state identities + package -> resolved package and version). Stored in the cache directory,
+    written atomically; an unreadable or foreign memo is ignored and rewritten, one that cannot be written is
+    skipped (it only saves time).
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self.entries: dict[str, dict[str, Any]] = {"sha256": {}, "ldd": {}, "apt": {}}
+        self.dirty = False
+        if path is None:
+            return
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(data, dict) and data.get("version") == MEMO_VERSION and isinstance(data.get("entries"), dict):
+            for kind in self.entries:
+                stored = data["entries"].get(kind)
+                if isinstance(stored, dict):
+                    self.entries[kind] = stored
+
+    @classmethod
+    def in_cache(cls) -> KeyMemo:
+        return cls(cache_root() / KEY_MEMO)
+
+    def get(self, kind: str, key: Any) -> Any:
+        table = self.entries[kind]
+        text = json.dumps(key, sort_keys=True)
+        if text not in table:
+            return None
+        table[text] = table.pop(text)  # most recently used last
+        return table[text]
+
+    def put(self, kind: str, key: Any, value: Any) -> None:
+        table = self.entries[kind]
+        table[json.dumps(key, sort_keys=True)] = value
+        while len(table) > MEMO_ENTRIES:
+            del table[next(iter(table))]
+        self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty or self.path is None:
+            return
+        try:
+            outputs.prepare_parent(self.path)
+            outputs.write_text(self.path, json.dumps({"version": MEMO_VERSION, "entries": self.entries}) + "\n")
+            self.dirty = False
+        except OutputError as exc:
+            LOG.debug("image key memo not saved: %s", exc)
+
+    def sha256(self, path: Path) -> str:
+        """sha256 of ``path``'s content, remembered by its identity."""
+        ident = identity(path)
+        digest = self.get("sha256", ident)
+        if digest is None:
+            digest = _sha256(path)
+            if _settled(ident):
+                self.put("sha256", ident, digest)
+        return digest
+
+    def libraries(self, binary: Path) -> list[Path]:
+        """``shared_libraries(binary)``, remembered by the binary's and the loader cache's identities (and the
+        loader's environment)."""
+        ident = identity(binary)
+        key = [ident, identity(LD_CACHE), os.environ.get("LD_LIBRARY_PATH"), os.environ.get("LD_PRELOAD")]
+        libs = self.get("ldd", key)
+        if libs is None:
+            libs = [str(lib) for lib in shared_libraries(binary)]
+            if _settled(ident):
+                self.put("ldd", key, libs)
+        return [Path(lib) for lib in libs]
+
+
+#: A memo that remembers nothing: the functions below compute every answer when none is given.
+NO_MEMO = KeyMemo()
+
+
 # --- kernel sources -------------------------------------------------------------------------------------------
 
 
@@ -144,8 +289,23 @@ class KernelSource:
     modules_dir: Path | None = None
 
 
-def resolve_debian_kernel(meta_package: str = DEFAULT_KERNEL_PACKAGE) -> KernelSource:
-    """Resolve the meta package to the concrete ``linux-image-<release>-cloud-amd64`` and its candidate version."""
+def resolve_debian_kernel(meta_package: str = DEFAULT_KERNEL_PACKAGE, memo: KeyMemo = NO_MEMO) -> KernelSource:
+    """Resolve the meta package to the concrete ``linux-image-<release>-cloud-amd64`` and its candidate version.
+
+    apt-cache takes about 1.5 s; its answer is remembered by the identities of apt's state (package lists, dpkg
+    status, sources, pins, configuration): ``apt-get update`` or a changed pin asks apt-cache again.
+    """
+    key = [meta_package, os.environ.get("APT_CONFIG"), _tree_identity(APT_STATE)]
+    known = memo.get("apt", key)
+    if known is None:
+        known = _resolve_with_apt_cache(meta_package)
+        memo.put("apt", key, known)
+    package, version = known
+    return KernelSource(f"{package} {version} (Debian)", f"deb:{package}={version}", package=package, version=version)
+
+
+def _resolve_with_apt_cache(meta_package: str) -> list[str]:
+    """``[package, candidate version]`` of the meta package's linux-image dependency, from apt-cache."""
     depends = _run([_which("apt-cache"), "depends", meta_package], f"apt-cache depends {meta_package}")
     match = re.search(r"Depends:\s*(linux-image-\S+)", depends)
     if match is None:
@@ -158,12 +318,7 @@ def resolve_debian_kernel(meta_package: str = DEFAULT_KERNEL_PACKAGE) -> KernelS
     version = re.search(r"Candidate:\s*(\S+)", policy)
     if version is None or version.group(1) == "(none)":
         raise ImageBuildError(f"no installable version of {package}; run `apt-get update` first")
-    return KernelSource(
-        f"{package} {version.group(1)} (Debian)",
-        f"deb:{package}={version.group(1)}",
-        package=package,
-        version=version.group(1),
-    )
+    return [package, version.group(1)]
 
 
 def kernel_release_of(bzimage: Path) -> str:
@@ -181,7 +336,7 @@ def kernel_release_of(bzimage: Path) -> str:
     return release
 
 
-def local_kernel(kernel: Path, modules_dir: Path | None) -> KernelSource:
+def local_kernel(kernel: Path, modules_dir: Path | None, memo: KeyMemo = NO_MEMO) -> KernelSource:
     """A user-supplied kernel; its modules come from ``modules_dir`` or ``/lib/modules/<release>``."""
     kernel = Path(kernel)
     release = kernel_release_of(kernel)
@@ -192,7 +347,7 @@ def local_kernel(kernel: Path, modules_dir: Path | None) -> KernelSource:
             f"(give it with --modules DIR, the lib/modules/{release} of that kernel)"
         )
     return KernelSource(
-        f"{kernel} ({release})", f"file:{_sha256(kernel)}:{release}", kernel_path=kernel, modules_dir=modules
+        f"{kernel} ({release})", f"file:{memo.sha256(kernel)}:{release}", kernel_path=kernel, modules_dir=modules
     )
 
 
@@ -273,16 +428,18 @@ def _binaries() -> dict[str, Path]:
     return found
 
 
-def cache_key(source: KernelSource, binaries: dict[str, Path]) -> str:
-    """Hash every input of the image; the image directory is named by it."""
+def cache_key(source: KernelSource, binaries: dict[str, Path], memo: KeyMemo = NO_MEMO) -> str:
+    """Hash every input of the image; the image directory is named by it. ``memo`` only saves the work of
+    reading files that did not change: the key is the same with or without it."""
+    libraries = {lib.resolve() for p in binaries.values() for lib in memo.libraries(p)}
     inputs = {
         "builder": BUILDER_VERSION,
         "kernel": source.key,
         "modules": list(GUEST_MODULES),
         "rendered": [READY_MARKER, GUEST_IP, GATEWAY_IP, GUEST_SFTP_SERVER],
-        "binaries": {name: _sha256(path) for name, path in sorted(binaries.items())},
-        "libraries": sorted({_sha256(lib.resolve()) for p in binaries.values() for lib in shared_libraries(p)}),
-        "files": {p.name: _sha256(p) for p in sorted(IMAGES_DIR.iterdir()) if p.is_file()},
+        "binaries": {name: memo.sha256(path) for name, path in sorted(binaries.items())},
+        "libraries": sorted({memo.sha256(lib) for lib in libraries}),
+        "files": {p.name: memo.sha256(p) for p in sorted(IMAGES_DIR.iterdir()) if p.is_file()},
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
@@ -386,25 +543,43 @@ def build_image(
     :raises ToolMissingError: a program the build needs is not installed.
     :raises ImageBuildError: a build step failed.
     :raises UsageError: ``kernel``/``out`` are not usable.
+    :raises OutputError: ``out`` (or the cache) cannot be written: full, read-only, a file in the way.
     """
     start = time.monotonic()
-    source = local_kernel(kernel, modules_dir) if kernel else resolve_debian_kernel()
+    memo = KeyMemo.in_cache()
+    source = local_kernel(kernel, modules_dir, memo) if kernel else resolve_debian_kernel(memo=memo)
     binaries = _binaries()
     for tool in ("depmod", "modprobe", "ldd", "dpkg-deb"):
         _which(tool)
-    key = cache_key(source, binaries)
+    key = cache_key(source, binaries, memo)
+    memo.save()
+    where = "--out" if out else "image cache"
     out = Path(out) if out else cache_root() / "images" / key[:16]
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{where} {out}: is a file, not a directory")
     existing = out / "manifest.json"
     if existing.is_file():
         try:
             if json.loads(existing.read_text()).get("key") == key:
                 image = Image.load(out)
                 return BuildResult(image, built=False, seconds=time.monotonic() - start)
-        except (ValueError, UsageError):
+        except (ValueError, AttributeError, UsageError):
             pass  # a broken or partial image is rebuilt below
     elif out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out}: directory exists, is not empty and holds no vpmu image; refusing to overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    outputs.prepare_dir(out.parent, where)  # before downloading anything: full, read-only, a file in the way
+    try:
+        _build_into(out, source, binaries, key, start, log)
+    except OSError as exc:
+        written = str(exc.filename or "").startswith((str(out.parent), str(cache_root())))
+        if exc.errno in OUTPUT_ERRNOS and written:
+            raise OutputError(f"{where} {out}: cannot write the image: {outputs.reason(exc)}") from None
+        raise ImageBuildError(f"building the image: {exc.filename or ''}: {outputs.reason(exc)}") from None
+    return BuildResult(Image.load(out), built=True, seconds=time.monotonic() - start)
+
+
+def _build_into(out: Path, source: KernelSource, binaries: dict[str, Path], key: str, start: float, log: Log) -> None:
+    """Stage the image in a temporary directory beside ``out`` and rename it into place (whole or not at all)."""
     with tempfile.TemporaryDirectory(prefix=".vpmu-image-", dir=out.parent) as tmp:
         work = Path(tmp)
         log(f"building guest image from {source.description}")
@@ -435,7 +610,6 @@ def build_image(
         if out.exists():
             shutil.rmtree(out)
         os.replace(staged, out)
-    return BuildResult(Image.load(out), built=True, seconds=time.monotonic() - start)
 
 
 def find_or_build_image(image_dir: Path | None = None, log: Log = print) -> Image:

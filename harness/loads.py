@@ -26,7 +26,8 @@ from typing import Any
 from harness import mediated_probe
 from harness.datafiles import check_table, read_toml
 from harness.errors import UsageError
-from harness.lifetime import die_with_parent
+from harness.lifetime import die_with_parent, exit_text, phase
+from harness.mux_sweep import MuxGuard, restore_stale
 from harness.paths import GUEST_TESTS_DIR
 from harness.perf_output import SampleCounter, error_message, event_key, parse_stat_csv, record_samples, summarize
 
@@ -36,8 +37,19 @@ LOAD_KEYS: dict[str, tuple[type, bool, str]] = {
     "description": (str, True, "one line: what the load does to the host PMU"),
     "command": (list, False, 'argv of the perf command, e.g. ["perf", "stat", "-a", ...] (absent: no load)'),
     "counts_guest": (bool, False, "true exactly when a hardware event counts guest time (:G or :GH)"),
-}
+    "start": (str, False, '"after-boot" (default: the load starts once the guest runs) or "before-boot" (the load '
+              "starts first, then KVM creates the VM: coexist.load_before_boot)"),
+    "mux_sweep": (list, False, "perf_event_mux_interval_ms values in ms (>= 1, at least two) to sweep on every host "
+                  "core PMU while this multiplexing load runs (coexist.mux_cost)"),
+}  # fmt: skip
 PLACEHOLDERS = ("vcpu_tids", "vcpu_cpus", "output")
+#: Placeholders that also take an index, ``{vcpu_tids[0]}``: one vCPU's thread or host CPU (per-vCPU loads).
+INDEXED_PLACEHOLDERS = ("vcpu_tids", "vcpu_cpus")
+#: ``{name}`` or ``{name[i]}`` in a command word (a perf event group "{a,b}:D" is neither).
+PLACEHOLDER_RE = re.compile(r"\{([a-z_]+)(?:\[(\d+)\])?\}")
+AFTER_BOOT = "after-boot"
+BEFORE_BOOT = "before-boot"
+STARTS = (AFTER_BOOT, BEFORE_BOOT)
 READY_TIMEOUT_S = 10.0
 #: A load without interval output counts as started once it survives this long (a bad option exits at once).
 READY_GRACE_S = 0.3
@@ -153,10 +165,18 @@ class LoadSpec:
     description: str
     command: tuple[str, ...] = ()
     counts_guest: bool = False
+    #: AFTER_BOOT (the guest runs first) or BEFORE_BOOT (the load exists when KVM creates the VM).
+    start: str = AFTER_BOOT
+    #: perf_event_mux_interval_ms values to sweep while this load runs (empty: no sweep).
+    mux_sweep: tuple[int, ...] = ()
 
     @property
     def idle(self) -> bool:
         return not self.command
+
+    @property
+    def before_boot(self) -> bool:
+        return self.start == BEFORE_BOOT
 
     @property
     def sampling(self) -> bool:
@@ -176,7 +196,17 @@ class LoadSpec:
         return next((e for e in self.event_list() if e.counts_guest), None)
 
     def uses(self, placeholder: str) -> bool:
-        return any("{" + placeholder + "}" in word for word in self.command)
+        """Whether the command uses ``{placeholder}`` or one of its indexed forms ``{placeholder[i]}``."""
+        return any(name == placeholder for word in self.command for name, _index in PLACEHOLDER_RE.findall(word))
+
+    def indexes(self, placeholder: str) -> list[int]:
+        """The indexes of ``{placeholder[i]}`` in the command (per-vCPU loads), in order."""
+        return [int(index) for word in self.command for name, index in PLACEHOLDER_RE.findall(word)
+                if name == placeholder and index]  # fmt: skip
+
+    def uses_whole(self, placeholder: str) -> bool:
+        """Whether the command uses ``{placeholder}`` itself (every vCPU), not only indexed forms."""
+        return "{" + placeholder + "}" in " ".join(self.command)
 
 
 def target_options(argv: list[str]) -> list[str]:
@@ -225,21 +255,56 @@ def _spec(path: Path, name: str, table: object) -> LoadSpec:
         if not all(isinstance(w, str) for w in command) or command[0] != "perf":
             raise UsageError(f"{where}: field 'command' must be a list of strings starting with \"perf\"")
         for word in command:
-            for placeholder in _placeholders(word):
+            for placeholder, index in PLACEHOLDER_RE.findall(word):
                 if placeholder not in PLACEHOLDERS:
+                    allowed = ["{" + p + "}" for p in PLACEHOLDERS] + ["{" + p + "[N]}" for p in INDEXED_PLACEHOLDERS]
                     raise UsageError(f"{where}: field 'command': unknown placeholder {{{placeholder}}} "
-                                     f"(allowed: {', '.join('{' + p + '}' for p in PLACEHOLDERS)})")  # fmt: skip
+                                     f"(allowed: {', '.join(allowed)})")  # fmt: skip
+                if index and placeholder not in INDEXED_PLACEHOLDERS:
+                    raise UsageError(f"{where}: field 'command': {{{placeholder}[{index}]}} takes no index (only "
+                                     f"{', '.join('{' + p + '}' for p in INDEXED_PLACEHOLDERS)} do)")  # fmt: skip
     elif name != IDLE:
         raise UsageError(f"{where}: missing field 'command' (only [{IDLE}] runs no command)")
-    spec = LoadSpec(name, table["description"], tuple(command), bool(table.get("counts_guest", False)))
+    spec = LoadSpec(name, table["description"], tuple(command), bool(table.get("counts_guest", False)),
+                    _start(where, table), _mux_sweep(where, table))  # fmt: skip
     _check_events(where, spec)
     _check_output(where, spec)
+    _check_phase(where, spec)
     return spec
 
 
-def _placeholders(word: str) -> list[str]:
-    """Names in {braces} that are placeholders (a perf event group "{a,b}:D" is not one)."""
-    return re.findall(r"\{([a-z_]+)\}", word)
+def _start(where: str, table: dict[str, Any]) -> str:
+    start = table.get("start", AFTER_BOOT)
+    if start not in STARTS:
+        raise UsageError(f"{where}: field 'start' is {start!r} (allowed: {', '.join(STARTS)})")
+    return start
+
+
+def _mux_sweep(where: str, table: dict[str, Any]) -> tuple[int, ...]:
+    """perf_event_mux_interval_ms values: integers >= 1 (kernel/events/core.c perf_event_mux_interval_ms_store()
+    rejects ``timer < 1`` with -EINVAL), at least two distinct ones (a curve), swept in ascending order."""
+    values = table.get("mux_sweep")
+    if values is None:
+        return ()
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values) or len(set(values)) < 2:
+        raise UsageError(f"{where}: field 'mux_sweep' must list at least two integers >= 1 (milliseconds; the kernel "
+                         "rejects 0), e.g. [1, 4, 16, 100]")  # fmt: skip
+    return tuple(sorted(set(values)))
+
+
+def _check_phase(where: str, spec: LoadSpec) -> None:
+    """A before-boot load starts before any vCPU thread exists, so it cannot name one; a sweep needs core events
+    that rotate on the vCPU's CPU (software events never multiplex: perf_event_mux_interval_ms is the core PMU's)."""
+    if spec.idle and (spec.before_boot or spec.mux_sweep):
+        raise UsageError(f"{where}: the idle baseline takes no 'start' or 'mux_sweep' (it runs no load)")
+    if spec.before_boot:
+        for placeholder in INDEXED_PLACEHOLDERS:
+            if spec.uses(placeholder):
+                raise UsageError(f"{where}: field 'command': a before-boot load cannot use {{{placeholder}}}: no vCPU "
+                                 "exists when it starts (use -a or -C with host CPU numbers)")  # fmt: skip
+    if spec.mux_sweep and not any(event.kind == "core" for event in spec.event_list()):
+        raise UsageError(f"{where}: field 'mux_sweep' needs hardware (core PMU) events to multiplex; this load has "
+                         "none")  # fmt: skip
 
 
 def load_loads(path: Path = DEFAULT_LOADS_FILE) -> dict[str, LoadSpec]:
@@ -264,7 +329,9 @@ def select_loads(loads: dict[str, LoadSpec], names: list[str], all_loads: bool, 
         if name not in loads:
             raise UsageError(f"{path}: no load '{name}' (known: {', '.join(loads)})")
     ordered = list(dict.fromkeys(names)) or [IDLE]
-    return sorted(ordered, key=lambda n: n != IDLE)
+    # Before-boot loads last: each shuts the profile's guest down and boots a new one under the load, so the loads
+    # that share the first boot run before any of them.
+    return sorted(ordered, key=lambda n: (n != IDLE, loads[n].before_boot))
 
 
 @dataclass
@@ -284,9 +351,23 @@ class LoadResult:
     output: str | None = None
     #: The direct perf_event_open(2) answer for an include-guest load (harness.mediated_probe.RefusalProbe).
     probe: dict[str, Any] | None = None
+    #: A before-boot load: the boot of the guest under it (harness.coexist_depth.start_before_boot).
+    before_boot: dict[str, Any] | None = None
+    #: A sweep load: the perf_event_mux_interval_ms files it changed and restored (harness.mux_sweep.MuxGuard).
+    mux: dict[str, Any] | None = None
+    #: The vCPU threads and host CPUs the placeholders were filled from (a before-boot load's group boots a new
+    #: guest, whose threads the run's ``guest.pinning`` shows afterwards).
+    vcpu_tids: list[int] = field(default_factory=list)
+    vcpu_cpus: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def _interval_s(spec: LoadSpec) -> float:
+    """The load's ``perf stat -I`` interval in seconds (0 without one)."""
+    values = _option_values(spec.command, "-I", "--interval-print")
+    return int(values[0]) / 1000 if values and values[0].isdigit() else 0.0
 
 
 def precheck(events: str, perf: str = "perf", target: list[str] | None = None) -> str | None:
@@ -313,32 +394,47 @@ def precheck(events: str, perf: str = "perf", target: list[str] | None = None) -
 class HostLoad:
     """One load around one check group. ``with HostLoad(...) as load:``; ``load.result`` after the block."""
 
-    def __init__(self, spec: LoadSpec, log_dir: Path, vcpu_tids: list[int], vcpu_cpus: list[int]) -> None:
+    def __init__(self, spec: LoadSpec, log_dir: Path, vcpu_tids: list[int], vcpu_cpus: list[int],
+                 mux_pmus_dir: Path | None = None, mux_journal_dir: Path | None = None) -> None:  # fmt: skip
         self.spec = spec
         self.log_dir = Path(log_dir)
         self.vcpu_tids = list(vcpu_tids)
         self.vcpu_cpus = list(vcpu_cpus)
         self.values = {"vcpu_tids": ",".join(map(str, vcpu_tids)), "vcpu_cpus": ",".join(map(str, vcpu_cpus)),
                        "output": str(self.log_dir / f"{spec.name}.data")}  # fmt: skip
-        self.result = LoadResult(spec.name, counts_guest=spec.counts_guest)
+        self.result = LoadResult(spec.name, counts_guest=spec.counts_guest, vcpu_tids=list(vcpu_tids),
+                                 vcpu_cpus=list(vcpu_cpus))  # fmt: skip
         self._proc: subprocess.Popen[bytes] | None = None
         self._out_path = self.log_dir / f"{spec.name}.out"
         self._samples = SampleCounter(Path(self.values["output"])) if spec.sampling else None
         #: The guest's total VM exits when the load started (set by whoever has QMP), for rates.
         self.exits_before: int | None = None
         self._created = time.monotonic()
+        #: When perf was started (monotonic): the zero of its -I timestamps.
+        self.launched: float | None = None
+        #: Where the perf_event_mux_interval_ms files and the restore journals are (tests use their own).
+        self._mux_dirs = (mux_pmus_dir, mux_journal_dir)
+        self._mux: MuxGuard | None = None
 
     def elapsed_s(self) -> float:
         """Seconds since this check group's load was set up."""
         return time.monotonic() - self._created
 
     def argv(self) -> list[str]:
-        out = []
-        for word in self.spec.command:
-            for name in PLACEHOLDERS:
-                word = word.replace("{" + name + "}", self.values[name])
-            out.append(word)
-        return out
+        """The command with its placeholders filled in; ``{vcpu_tids[i]}`` is vCPU i's thread (empty when the guest
+        has no vCPU i: :meth:`_missing_placeholder` stops such a load first)."""
+        lists = {"vcpu_tids": self.vcpu_tids, "vcpu_cpus": self.vcpu_cpus}
+
+        def fill(match: re.Match[str]) -> str:
+            name, index = match.group(1), match.group(2)
+            if name not in PLACEHOLDERS:
+                return match.group(0)
+            if index is None:
+                return self.values[name]
+            values = lists[name]
+            return str(values[int(index)]) if int(index) < len(values) else ""
+
+        return [PLACEHOLDER_RE.sub(fill, word) for word in self.spec.command]
 
     def __enter__(self) -> HostLoad:
         self.start()
@@ -349,6 +445,7 @@ class HostLoad:
 
     def start(self) -> LoadResult:
         """Start the load and wait until it runs (or is known not to); never raises for an unusable load."""
+        restore_stale(self._mux_dirs[0], self._mux_dirs[1])  # a crashed run's sweep is undone before anything runs
         if self.spec.idle:
             return self.result
         begin = time.monotonic()
@@ -373,11 +470,13 @@ class HostLoad:
                 return self._unavailable(reason, begin)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._remove_stale_output()
+        self.launched = time.monotonic()
         with open(self._out_path, "wb") as out:
             self._proc = subprocess.Popen([perf, *argv[1:]], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                           start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
         self.result.output = str(self._out_path)
         try:
+            phase("load_start", load=self)
             self._wait_ready(begin)
         except BaseException:
             self.stop()  # interrupted (Ctrl-C, SIGTERM) while starting: the caller never gets to stop() it
@@ -392,6 +491,11 @@ class HostLoad:
             return "no vCPU thread ids to attach to (QMP query-cpus-fast gave none)"
         if self.spec.uses("vcpu_cpus") and not self.vcpu_cpus:
             return "the vCPUs are not pinned to host CPUs (sched_setaffinity failed), so there is no CPU for -C"
+        for name, values in (("vcpu_tids", self.vcpu_tids), ("vcpu_cpus", self.vcpu_cpus)):
+            beyond = [i for i in self.spec.indexes(name) if i >= len(values)]
+            if beyond:
+                return (f"{{{name}[{beyond[0]}]}} names vCPU {beyond[0]}, but the guest has {len(self.vcpu_tids)} "
+                        "vCPU(s) (a per-vCPU load needs a profile with more: smp in profiles.toml)")  # fmt: skip
         return None
 
     def _probe(self) -> mediated_probe.RefusalProbe:
@@ -401,7 +505,9 @@ class HostLoad:
         event = self.spec.include_guest_event()
         name = event.name if event is not None else mediated_probe.FALLBACK_EVENT
         if (self.spec.uses("vcpu_tids") or "-t" in self.spec.command) and self.vcpu_tids:
-            return mediated_probe.probe_include_guest(name, self.vcpu_tids[0], -1)
+            index = next(iter(self.spec.indexes("vcpu_tids")), 0)  # a per-vCPU load's own thread
+            tid = self.vcpu_tids[index] if index < len(self.vcpu_tids) else self.vcpu_tids[0]
+            return mediated_probe.probe_include_guest(name, tid, -1)
         return mediated_probe.probe_include_guest(name, -1, self.vcpu_cpus[0] if self.vcpu_cpus else 0)
 
     def _remove_stale_output(self) -> None:
@@ -437,6 +543,9 @@ class HostLoad:
             if self._proc.poll() is not None:
                 text = self._out_path.read_text(errors="replace")
                 self.result.returncode = self._proc.returncode
+                if self._proc.returncode < 0:  # killed (OOM killer, a user): this host can run it, this run could not
+                    self._finish(begin, "died", f"perf {exit_text(self._proc.returncode)} while starting")
+                    return
                 tail = self._output_tail(text) or f"exited with code {self._proc.returncode}"
                 self._unavailable(f"perf: {tail}", begin)
                 return
@@ -483,8 +592,41 @@ class HostLoad:
         gone = [tid for tid in self.vcpu_tids if not Path(f"/proc/{tid}").exists()]
         return f" (the vCPU threads {', '.join(map(str, gone))} it followed have exited)" if gone else ""
 
+    def mux_guard(self) -> MuxGuard:
+        """The guard of the host's perf_event_mux_interval_ms files for this load's sweep (created on first use; it
+        records the original values, and a journal, before the first change). :meth:`stop` restores them."""
+        if self._mux is None:
+            pmus_dir, journal_dir = self._mux_dirs
+            self._mux = MuxGuard(pmus_dir, journal_dir)
+        return self._mux
+
+    def window_share(self, since: float, until: float) -> float | None:
+        """The lowest running share (%) of the load's counting events in perf's -I rows between two monotonic
+        times: how much of the window the host's events got a counter (host-side multiplexing). None without
+        interval rows in the window."""
+        if self.launched is None or not self._out_path.exists():
+            return None
+        text = self._out_path.read_text(errors="replace")
+        rows = parse_stat_csv(text[: text.rfind("\n") + 1])
+        start, end = since - self.launched, until - self.launched + _interval_s(self.spec)
+        shares = [r.pct_running for r in rows if r.time is not None and start < r.time <= end and r.pct_running]
+        return min(shares) if shares else None
+
     def stop(self) -> LoadResult:
-        """SIGINT the process group (perf prints its totals), SIGKILL after STOP_TIMEOUT_S; parse the output."""
+        """SIGINT the process group (perf prints its totals), SIGKILL after STOP_TIMEOUT_S; parse the output; and
+        put back any perf_event_mux_interval_ms this load's sweep changed, whatever happened while stopping."""
+        try:
+            if self._proc is not None:
+                phase("load_stop", load=self)
+        finally:  # stopped also when the announcement raises (Ctrl-C)
+            try:
+                result = self._stop()
+            finally:
+                if self._mux is not None:
+                    self.result.mux = self._mux.restore()
+        return result
+
+    def _stop(self) -> LoadResult:
         begin = time.monotonic()
         proc = self._proc
         if proc is not None:

@@ -4,6 +4,11 @@
 waits for the guest with deadlines, and shuts it down with ``quit``, falling back to SIGKILL. Cleanup is
 idempotent and also runs after a failed launch; QEMU additionally gets PR_SET_PDEATHSIG so it dies with the
 harness even if the harness is SIGKILLed. Modelled on QEMU's python/qemu/machine/machine.py.
+
+Every wait ends on an event or a deadline, and also as soon as QEMU is gone: QEMU's exit is a pidfd the waits
+select on (``exit_fd``), every QMP command has a deadline, and a QMP command that goes unanswered marks QEMU as
+frozen (``gone`` then says so, and every later QMP call fails at once). The guest's SSH session
+(harness.ssh.GuestSession) asks the machine the same questions through ``exit_fd``, ``gone`` and ``check``.
 """
 
 from __future__ import annotations
@@ -22,23 +27,38 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from qemu.qmp import QMPError
+from qemu.qmp import ExecuteError, QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from harness.console import ConsoleLog
+from harness.console import ConsoleLog, ConsoleMatch
 from harness.errors import AbnormalShutdown, BootError, LaunchError, tail
 from harness.image import READY_MARKER
-from harness.lifetime import die_with_parent
+from harness.lifetime import ProcessWatch, die_with_parent, exit_text, phase, process_state
 from harness.qemu_argv import MachineConfig, build_argv, image_files
 
 LOG = logging.getLogger(__name__)
+# qemu.qmp logs a connection that broke under it (QEMU killed) at ERROR as well as raising it; the harness reports
+# what it raises, with QEMU's exit status.
+logging.getLogger("qemu.qmp.protocol").setLevel(logging.CRITICAL)
 
 #: Console lines that mean the guest kernel died; a boot wait ends at once on any of them.
 PANIC_PATTERNS = (r"Kernel panic - not syncing[^\n]*", r"BUG: kernel NULL pointer[^\n]*", r"---\[ end trace[^\n]*")
-DEFAULT_QMP_TIMEOUT_S = 30.0
+#: Deadline of one QMP command (seconds). QEMU answers in milliseconds, also under TCG on a loaded host; one that
+#: does not answer in this time is frozen (SIGSTOP, a deadlocked main loop) and is treated as gone.
+DEFAULT_QMP_TIMEOUT_S = 10.0
+#: Deadline of QMP's greeting and capabilities negotiation right after launch.
+QMP_CONNECT_TIMEOUT_S = 20.0
+#: Deadline of the ``query-status`` that asks whether QEMU still serves the guest (check()).
+PING_TIMEOUT_S = 5.0
+#: How often a wait that sees no progress (a silent console) asks QEMU whether it still serves the guest.
+HEARTBEAT_S = 5.0
 DEFAULT_BOOT_TIMEOUT_S = 120.0
+#: Seconds from QMP ``quit`` until QEMU must have exited before it is killed.
 DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0
-KILL_WAIT_S = 60.0
+#: Seconds a SIGKILLed QEMU may take to be reaped (only a process stuck in the kernel takes longer).
+KILL_WAIT_S = 10.0
+#: QMP run states in which the guest can still answer (query-status; qapi/run-state.json RunState).
+LIVE_STATES = ("running", "prelaunch")
 
 
 TMPDIR_PREFIX = "vpmu-qemu-"
@@ -58,6 +78,24 @@ def sweep_stale_tmpdirs(root: Path | None = None) -> list[Path]:
     return removed
 
 
+class _Monitor(QEMUMonitorProtocol):
+    """qemu.qmp's synchronous client with a deadline on every step: its own ``connect`` and ``close`` have none, so
+    a QEMU that never greets (stopped before QMP came up) would block them forever."""
+
+    def connect_within(self, timeout_s: float) -> None:
+        """Connect and negotiate capabilities (as ``connect(negotiate=True)``) within ``timeout_s`` seconds."""
+        self._qmp.await_greeting = True
+        self._qmp.negotiate = True
+        self._sync(self._qmp.connect(self._address), timeout_s)
+
+    def execute(self, command: str, args: dict[str, Any], timeout_s: float) -> Any:
+        """Run one command (ids assigned, so a late answer to an abandoned one is never taken for the next)."""
+        return self._sync(self._qmp.execute(command, args), timeout_s)
+
+    def close_within(self, timeout_s: float) -> None:
+        self._sync(self._qmp.disconnect(), timeout_s)
+
+
 class QemuMachine:
     """A QEMU guest. Use as ``with QemuMachine(config) as vm:``; the process is gone when the block ends.
 
@@ -71,7 +109,12 @@ class QemuMachine:
         self._log_dir = Path(log_dir) if log_dir else None
         self._tmpdir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._qmp: QEMUMonitorProtocol | None = None
+        self._watch: ProcessWatch | None = None
+        self._qmp: _Monitor | None = None
+        #: Why QEMU counts as frozen (a QMP command went unanswered); None while it answers.
+        self._frozen: str | None = None
+        #: The guest's run state from the last query-status (check()).
+        self.last_status: str | None = None
         self._console: ConsoleLog | None = None
         self._qemu_log: Path | None = None
         self._final_serial = ""
@@ -132,68 +175,82 @@ class QemuMachine:
         finally:
             theirs.close()  # QEMU holds its end; ours sees EOF when QEMU exits
         assert self._proc.stdout is not None
+        self._watch = ProcessWatch(self._proc)
         self.launched_at = time.monotonic()
         self._console = ConsoleLog(self._proc.stdout.fileno(), logs / "serial.log")
-        self._qmp = QEMUMonitorProtocol(ours, nickname=self.name)
+        self._qmp = _Monitor(ours, nickname=self.name)
         self._qmp.settimeout(DEFAULT_QMP_TIMEOUT_S)
         try:
-            self._qmp.connect(negotiate=True)
+            self._qmp.connect_within(QMP_CONNECT_TIMEOUT_S)
+        except TimeoutError as exc:
+            state = process_state(self._proc.pid)
+            raise LaunchError(f"QEMU did not greet on QMP within {QMP_CONNECT_TIMEOUT_S:.0f} s (process state "
+                              f"{state})", None, self.argv, self._read_qemu_log()) from exc  # fmt: skip
         except (QMPError, OSError, EOFError) as exc:
-            self._proc.wait(5)
+            self._watch.wait(5)
             raise LaunchError(f"QEMU exited before QMP was ready ({exc})", self._proc.returncode, self.argv,
                               self._read_qemu_log()) from exc  # fmt: skip
+        if self.config.image is not None:  # a -machine none QEMU only answers capability questions
+            phase("boot", machine=self)
 
     def shutdown(self, timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S, raise_on_kill: bool = True) -> None:
-        """Quit QEMU (QMP ``quit``), kill it if it does not exit in ``timeout_s`` seconds, and clean up.
+        """Quit QEMU (QMP ``quit``), kill it if it does not exit in ``timeout_s`` seconds, and clean up. A QEMU
+        already known to be frozen (see :meth:`gone`) is killed at once: it cannot answer ``quit``.
 
         Safe to call twice and after a failed launch.
 
-        :raises AbnormalShutdown: QEMU had to be killed (only when ``raise_on_kill``).
+        :raises AbnormalShutdown: a QEMU that was not known to be frozen had to be killed (only when
+            ``raise_on_kill``); the reason says what QMP and the process state showed.
         """
         if self._proc is None:
             self._post_shutdown()
             return
-        killed = False
+        unanswered: str | None = None
         try:
-            if self._proc.poll() is None:
-                self._soft_shutdown(timeout_s)
-        except subprocess.TimeoutExpired:
-            killed = True
-            self._hard_shutdown()
+            if self.config.image is not None:
+                phase("shutdown", machine=self)
+            if self._proc.poll() is None and self._frozen is None:
+                unanswered = self._soft_shutdown(timeout_s)
         finally:
             self._post_shutdown()
-        if killed and raise_on_kill:
-            raise AbnormalShutdown(f"QEMU did not exit within {timeout_s:.0f} s of 'quit' and was killed")
+        if unanswered and raise_on_kill:
+            raise AbnormalShutdown(f"QEMU did not exit within {timeout_s:.0f} s of 'quit' and was killed "
+                                   f"({unanswered})")  # fmt: skip
 
-    def _soft_shutdown(self, timeout_s: float) -> None:
-        assert self._proc is not None
-        if self._qmp is not None:
-            try:
-                self._qmp.cmd("quit")
-            except (QMPError, OSError, EOFError) as exc:
-                LOG.debug("QMP quit: %s (QEMU may already be exiting)", exc)
-        self._proc.wait(timeout_s)
+    def _soft_shutdown(self, timeout_s: float) -> str | None:
+        """QMP ``quit``, then wait for the exit; return None once QEMU exited, else what was seen (it is killed)."""
+        assert self._proc is not None and self._watch is not None
+        deadline = time.monotonic() + timeout_s
+        try:
+            self.qmp("quit", timeout_s=min(timeout_s, PING_TIMEOUT_S))
+        except (QMPError, BootError) as exc:
+            LOG.debug("QMP quit: %s (QEMU may already be exiting)", exc)
+        if self._watch.wait(max(0.0, deadline - time.monotonic())) is not None:
+            return None
+        return self._frozen or f"process state {process_state(self._proc.pid)}"
 
     def _hard_shutdown(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             self._user_killed = True
-            self._proc.kill()
-            try:
-                self._proc.wait(KILL_WAIT_S)
-            except subprocess.TimeoutExpired:  # pragma: no cover - a process that survives SIGKILL
+            self._proc.kill()  # also ends a stopped (SIGSTOP) process
+            assert self._watch is not None
+            if self._watch.wait(KILL_WAIT_S) is None:  # pragma: no cover - a process stuck in the kernel
                 LOG.error("QEMU pid %d survived SIGKILL for %.0f s", self._proc.pid, KILL_WAIT_S)
 
     def _post_shutdown(self) -> None:
-        """Close QMP and the console, reap QEMU, remove the temp dir. May also run after a failed launch."""
+        """Kill QEMU if it still runs, close QMP and the console, reap QEMU, remove the temp dir. May also run after
+        a failed launch. QEMU goes first: closing QMP to a frozen QEMU could wait for it."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._hard_shutdown()
         if self._qmp is not None:
             try:
-                self._qmp.close()
-            except Exception as exc:  # EOF after 'quit' is expected; nothing to do about anything else
+                self._qmp.close_within(PING_TIMEOUT_S)
+            except BaseException as exc:  # EOF after 'quit' is expected; nothing to do about anything else
+                if not isinstance(exc, Exception):
+                    raise
                 LOG.debug("QMP close: %s", exc)
             self._qmp = None
         if self._proc is not None:
-            if self._proc.poll() is None:
-                self._hard_shutdown()
             if self._console is not None:
                 self._console.close()
                 self._final_serial = self._console.text()
@@ -202,6 +259,8 @@ class QemuMachine:
             rc = self._proc.returncode
             if rc is not None and rc < 0 and not self._user_killed:
                 LOG.warning("qemu received signal %d; command: %s", -rc, shlex.join(self.argv))
+            if self._watch is not None:
+                self._watch.close()
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
@@ -221,12 +280,67 @@ class QemuMachine:
 
     def wait(self, timeout_s: float) -> int | None:
         """Wait up to ``timeout_s`` seconds for QEMU to exit; return its exit code, or None if still running."""
+        if self._proc is None or self._watch is None:
+            return None
+        return self._watch.wait(timeout_s)
+
+    def exit_fd(self) -> int | None:
+        """A descriptor that becomes readable the moment QEMU exits (its pidfd), for waits that select."""
+        return self._watch.fileno() if self._watch is not None else None
+
+    def gone(self) -> str | None:
+        """Why QEMU can no longer serve the guest, without blocking: it exited (how: code, signal, a guest panic; it
+        is reaped here), the kernel holds it stopped, or it stopped answering QMP; None while it runs and answered
+        its last QMP command."""
         if self._proc is None:
-            return None
+            return "QEMU is not running"
+        if self._proc.poll() is not None:
+            return self.exit_reason()
+        return self._stopped()
+
+    def check(self, timeout_s: float = PING_TIMEOUT_S) -> str | None:
+        """Ask QEMU whether it still serves the guest (QMP ``query-status`` within ``timeout_s`` seconds): None when
+        the guest is running; otherwise why not (exited, frozen, the guest panicked or is paused)."""
+        problem = self.gone()
+        if problem is not None:
+            return problem
         try:
-            return self._proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            return None
+            status = self.qmp("query-status", timeout_s=timeout_s)
+        except BootError as exc:
+            return exc.reason
+        except QMPError as exc:
+            return f"QMP query-status failed: {exc}"
+        self.last_status = str(status.get("status"))
+        if self.last_status not in LIVE_STATES:
+            return f"the guest is not running (QMP query-status: '{self.last_status}')"
+        return None
+
+    def exit_reason(self) -> str:
+        """How QEMU ended, for error messages: the guest's panic line when there is one, the signal or exit code,
+        and QEMU's own last words."""
+        assert self._proc is not None
+        rc = self._proc.returncode
+        if rc is None:
+            return "QEMU is still running"
+        text = f"QEMU (pid {self._proc.pid}) {exit_text(rc)}"
+        if self._user_killed:
+            text += " by the harness"
+        panic = self._panic_line()
+        if panic:
+            text = f"the guest kernel panicked ({panic}) and {text}"
+        elif rc > 0:
+            output = self._read_qemu_log().strip()
+            if output:
+                text += f"; QEMU said: {tail(output, 3)}"
+        return text
+
+    def _panic_line(self) -> str | None:
+        serial = self.serial_text()
+        for pattern in PANIC_PATTERNS:
+            found = re.search(pattern, serial)
+            if found:
+                return found.group(0).strip()
+        return None
 
     def serial_text(self) -> str:
         """The console output so far (after shutdown: all of it, up to the in-memory cap)."""
@@ -245,15 +359,55 @@ class QemuMachine:
         """QEMU's own stderr (warnings such as 'TCG doesn't support requested feature')."""
         return self._read_qemu_log()
 
-    def qmp(self, command: str, **args: Any) -> Any:
-        """Run a QMP command and return its ``return`` value.
+    def qmp(self, command: str, timeout_s: float = DEFAULT_QMP_TIMEOUT_S, **args: Any) -> Any:
+        """Run a QMP command and return its ``return`` value, waiting at most ``timeout_s`` seconds.
 
         :raises qemu.qmp.ExecuteError: QEMU answered with an error (its ``desc`` is the message).
-        :raises BootError: QEMU is not running.
+        :raises BootError: QEMU is not running, exited during the command, or did not answer within ``timeout_s``
+            (then it counts as frozen: :meth:`gone` says so and every later call fails at once); the reason names
+            what happened, the serial tail is attached.
         """
-        if self._qmp is None or not self.is_running():
-            raise BootError(f"QMP {command}: QEMU is not running (exit code {self.exitcode})", self.serial_tail())
-        return self._qmp.cmd(command, **args)
+        problem = self.gone()
+        if self._qmp is None or problem is not None:
+            raise BootError(f"QMP {command}: {problem or 'QMP is not connected'}", self.serial_tail())
+        try:
+            return self._qmp.execute(command, args, timeout_s)
+        except ExecuteError:
+            raise
+        except TimeoutError:
+            reason = self._unanswered(f"QMP '{command}'", timeout_s)
+        except (QMPError, OSError, EOFError) as exc:
+            reason = self._lost(f"QMP '{command}'", exc)
+        raise BootError(reason, self.serial_tail())
+
+    def _stopped(self) -> str | None:
+        """A QEMU the kernel holds stopped (SIGSTOP, a debugger) cannot answer: say so at once (and remember it)
+        instead of waiting for a QMP deadline."""
+        assert self._proc is not None
+        state = process_state(self._proc.pid)
+        if state is not None and state.startswith("T"):
+            self._frozen = f"QEMU (pid {self._proc.pid}) is stopped (process state {state}: SIGSTOP?)"
+        return self._frozen
+
+    def _unanswered(self, what: str, timeout_s: float) -> str:
+        """``what`` got no answer in time: QEMU exited meanwhile, or it is frozen (recorded for gone())."""
+        assert self._proc is not None
+        if self._proc.poll() is not None:
+            return self.exit_reason()
+        state = process_state(self._proc.pid)
+        self._frozen = f"QEMU (pid {self._proc.pid}) stopped answering QMP: {what} got no answer within " \
+                       f"{timeout_s:g} s; process state {state}"  # fmt: skip
+        if state and state.startswith("T"):
+            self._frozen += " (SIGSTOP?)"
+        return self._frozen
+
+    def _lost(self, what: str, exc: BaseException) -> str:
+        """QMP broke during ``what``: usually QEMU exited (its socket closes before it can be reaped)."""
+        assert self._watch is not None
+        if self._watch.wait(2.0) is not None:
+            return self.exit_reason()
+        self._frozen = f"QMP connection lost during {what} ({type(exc).__name__}: {exc}) while QEMU runs"
+        return self._frozen
 
     def ssh_port(self) -> int:
         """Return the host port slirp bound for the guest's port 22 (read from ``info usernet``)."""
@@ -270,22 +424,38 @@ class QemuMachine:
         :raises BootError: panic, QEMU exit, or timeout; the serial tail is attached.
         """
         assert self._console is not None, "launch() first"
-        result = self._console.wait_for(pattern, failures, timeout_s)
+        result = self._wait_console(pattern, failures, timeout_s)
         if result.outcome == "match":
             return result.text
+        if result.outcome == "frozen":
+            raise BootError(f"{result.text} while waiting for '{pattern}' on the console", self.serial_tail())
         if result.outcome == "failure":
             # Give the kernel a moment to print the rest of the panic (call trace) before we quote it.
             self._console.wait_for(r"end Kernel panic[^\n]*\n", (), 2.0)
             reason = f"guest kernel panicked: {result.text.strip()}"
         elif result.outcome == "eof":
-            code = self._proc.wait(5) if self._proc else None
+            code = self.wait(5)
             reason = f"QEMU exited (code {code}) before '{pattern}' appeared on the console"
-            qemu_output = self._read_qemu_log().strip()
-            if qemu_output:
-                reason += f"; QEMU said: {tail(qemu_output, 3)}"
+            if code is not None:
+                reason = f"{self.exit_reason()} before '{pattern}' appeared on the console"
         else:
             reason = f"timeout after {timeout_s:.0f} s waiting for '{pattern}' on the console (guest hung?)"
         raise BootError(reason, self.serial_tail())
+
+    def _wait_console(self, pattern: str, failures: tuple[str, ...], timeout_s: float) -> ConsoleMatch:
+        """The console wait in slices of HEARTBEAT_S: while the console is silent, QEMU is asked whether it still
+        runs the guest (a stopped QEMU never closes the console), so a frozen QEMU ends the wait within
+        HEARTBEAT_S + PING_TIMEOUT_S seconds, not at ``timeout_s``. Outcome ``frozen`` carries the reason."""
+        assert self._console is not None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            result = self._console.wait_for(pattern, failures, max(0.0, min(HEARTBEAT_S, remaining)))
+            if result.outcome != "timeout" or remaining <= HEARTBEAT_S:
+                return result
+            problem = self.check()
+            if problem is not None:
+                return ConsoleMatch("frozen", problem)
 
     def wait_ready(self, timeout_s: float = DEFAULT_BOOT_TIMEOUT_S) -> float:
         """Wait for the image's readiness marker; return seconds since launch."""

@@ -97,12 +97,22 @@ def _pmu_off_judged(ctx: Context) -> Expectation:
 
 #: Names beyond kvm_features.toml's rules. "pmu" and "lbr" are the combined expectations the verdicts use;
 #: the others are the ctx-only preconditions above.
+def _two_vcpus(ctx: Context) -> Expectation:
+    """The per-vCPU canaries (coexist.vcpu_canary.*) need a second vCPU: one the load reaches, one it does not
+    (profiles.toml ``smp``; harness.coexist_depth.vcpu_canary gives the same reason)."""
+    if ctx.profile.smp < 2:
+        return Expectation("two_vcpus", False, f"profile: {ctx.profile.name} has {ctx.profile.smp} vCPU; the per-vCPU "
+                           "canaries need two (smp = 2, e.g. profile pmu-on-2vcpu)")  # fmt: skip
+    return Expectation("two_vcpus", True, f"profile {ctx.profile.name} has {ctx.profile.smp} vCPUs")
+
+
 PSEUDO: dict[str, Callable[[Context], Expectation]] = {
     "pmu": _pmu,
     "lbr": _lbr,
     "pmu_absent": _pmu_absent,
     "host_cpu_model": _host_cpu_model,
     "pmu_off_judged": _pmu_off_judged,
+    "two_vcpus": _two_vcpus,
 }
 #: A pseudo-name decided by the host load, not the context: coexist.host_load judges a load, and idle runs none.
 HOST_LOAD = "host_load"
@@ -276,6 +286,8 @@ def load_host_facts(path: Path) -> dict[str, Any]:
         raise UsageError(f"{path}: cannot read host facts: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path}: host facts are not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: host facts are not text (not UTF-8 at byte {exc.start})") from None
     if not isinstance(facts, dict):
         raise UsageError(f"{path}: host facts must be a JSON object (the output of python -m harness doctor --json)")
     for key, kind in REQUIRED_HOST_KEYS.items():

@@ -21,6 +21,7 @@ from typing import Any
 import jinja2
 
 from harness.errors import GuestCommandError, HarnessError, ToolMissingError, tail
+from harness.lifetime import phase
 from harness.paths import GUEST_TESTS_DIR, cache_root
 from harness.ssh import GuestSession
 from harness.workloads import LOOP
@@ -182,7 +183,10 @@ class ProbeRunner:
     ) -> ProbeRun:
         """Build (cached), copy (once per guest) and run a probe pinned to ``cpu``; return its records.
 
+        :param timeout_s: seconds the probe may run; a guest or QEMU that dies, freezes or drops the session ends the
+            run earlier with the session's SshError (harness.ssh: at once, or within its keepalive bound).
         :raises ProbeError: compile failure, crash (signal or non-zero exit), timeout, garbage or truncated output.
+        :raises SshError: the copy or the run lost the guest (the reason names how).
         """
         probe = self.builder.build(name, params)
         remote = f"{GUEST_PROBE_DIR}/{probe.key[:16]}-{name}"
@@ -190,6 +194,7 @@ class ProbeRunner:
         if remote not in self._copied:
             start = time.monotonic()
             self.session.check(f"mkdir -p {GUEST_PROBE_DIR}")
+            phase("probe_copy", session=self.session)
             self.session.put(probe.binary, remote, mode=0o755)
             copy_s = time.monotonic() - start
             self._copied.add(remote)
@@ -197,7 +202,7 @@ class ProbeRunner:
         # reports 128 + N instead of an SSH exit-signal paramiko does not surface.
         command = shlex.join([remote, str(cpu), *args]) + "; exit $?"
         try:
-            result = self.session.run(command, timeout_s=timeout_s)
+            result = self.session.run(command, timeout_s=timeout_s, phase="probe_run")
         except GuestCommandError as exc:
             raise ProbeError(name, exc.reason, exc.stderr) from exc
         if result.rc != 0:

@@ -25,7 +25,7 @@ from qemu.qmp import QMPError
 from harness import plan
 from harness.branch_map import BranchMap, branch_map
 from harness.cpu_model import CpuModel
-from harness.errors import GuestError, HarnessError
+from harness.errors import BootError, GuestError, HarnessError
 from harness.expectations import Context, Expectation
 from harness.guest import Guest, boot_guest
 from harness.guest_view import ENUM_MSRS, GuestView, kernel_pmu_facts, view_from
@@ -153,7 +153,8 @@ class ProfileRun(RunExpectations):
         self._boot()
 
     def _boot(self) -> None:
-        config = MachineConfig(image=self.image, accel=self.accel, cpu=self.profile.cpu_for(self.accel), paused=True)
+        config = MachineConfig(image=self.image, accel=self.accel, cpu=self.profile.cpu_for(self.accel), paused=True,
+                               smp=self.profile.smp)  # fmt: skip
         self._stack = contextlib.ExitStack()
         start = time.monotonic()
         try:
@@ -196,6 +197,20 @@ class ProfileRun(RunExpectations):
         self.features.setdefault("pmu", {"requested": self.cpu.pmu_requested(), "granted": None})
         self.features["pmu"]["seen"] = self.view.cpuid_pmu
 
+    def boot_again(self) -> None:
+        """Boot the guest again after :meth:`close`: a before-boot host load starts in between, so it exists when KVM
+        creates the VM (harness.coexist_depth.start_before_boot).
+
+        :raises GuestError: the new guest did not boot. ``boot_error`` keeps the first boot's: a VM refused under one
+            load says nothing about the groups that ran before it.
+        """
+        first = self.boot_error
+        try:
+            self._boot()
+        except GuestError:
+            self.boot_error = first
+            raise
+
     def close(self) -> None:
         if self._stack is not None:
             self._stack.close()
@@ -208,24 +223,37 @@ class ProfileRun(RunExpectations):
             raise HarnessError(self.unavailable or self.boot_error or "guest is not running")
         return self._guest
 
-    def _ensure_alive(self) -> None:
+    def lost(self) -> str | None:
+        """Why the booted guest can no longer run probes (QEMU exited, stopped or frozen; the guest stopped answering
+        SSH), without blocking; None while it can (a guest whose sshd dropped the session can: it is reconnected)."""
+        if self._guest is None:
+            return None
+        return self._guest.machine.gone() or self._guest.ssh.unanswered
+
+    def ensure_alive(self) -> None:
+        """Reboot a guest that is :meth:`lost` (at most MAX_REBOOTS times).
+
+        :raises GuestError: it was lost again after MAX_REBOOTS reboots, or the reboot failed.
+        """
         guest = self.guest
-        if guest.machine.is_running():
+        problem = self.lost()
+        if problem is None:
             return
         if self.reboots >= MAX_REBOOTS:
             raise GuestError(
-                f"guest died (QEMU exit code {guest.machine.exitcode}) and was already rebooted {self.reboots} "
+                f"guest lost ({problem}) and was already rebooted {self.reboots} "
                 f"time(s)\n--- serial log (tail) ---\n{guest.machine.serial_tail()}"
             )
-        LOG.warning("guest of profile %s died (exit %s); rebooting", self.profile.name, guest.machine.exitcode)
+        LOG.warning("guest of profile %s lost (%s); rebooting", self.profile.name, problem)
         self.reboots += 1
         self.close()
         self._boot()
 
     # --- probes ------------------------------------------------------------------------------------------
 
-    def probe(self, name: str, params: dict[str, Any] | None = None, key: str | None = None) -> ProbeRun:
-        """Run probe ``name`` once per guest (memoized under ``key``, default the name) and return its run.
+    def probe(self, name: str, params: dict[str, Any] | None = None, key: str | None = None, cpu: int = 0) -> ProbeRun:
+        """Run probe ``name`` once per guest (memoized under ``key``, default the name) pinned to guest CPU ``cpu``
+        (give a key per CPU: the per-vCPU canaries) and return its run.
 
         :raises ProbeError: the probe failed (the same error is raised to every check that asks again).
         :raises GuestError: the guest died and could not be brought back.
@@ -233,17 +261,20 @@ class ProfileRun(RunExpectations):
         key = f"{self.load}/{key or name}"
         cached = self._probes.get(key)
         if cached is None:
-            self._ensure_alive()
+            self.ensure_alive()
             assert self._runner is not None
             try:
-                cached = self._runner.run(name, params)
+                cached = self._runner.run(name, params, cpu=cpu)
                 self.probe_timings[key] = {"run_s": round(cached.duration_s, 3), "copy_s": round(cached.copy_s, 3)}
             except ProbeError as exc:
-                if not self.guest.machine.is_running():
-                    exc.reason += f" (guest died)\n--- serial log (tail) ---\n{self.guest.machine.serial_tail()}"
+                problem = self.guest.machine.gone()
+                if problem is not None:
+                    exc.reason += f" ({problem})\n--- serial log (tail) ---\n{self.guest.machine.serial_tail()}"
                 cached = exc
-            except GuestError as exc:
-                cached = ProbeError(name, f"{exc}\n--- serial log (tail) ---\n{self.guest.machine.serial_tail()}")
+            except GuestError as exc:  # the guest was lost during the copy or the run; the reason says how
+                text = str(exc) if isinstance(exc, BootError) else \
+                    f"{exc}\n--- serial log (tail) ---\n{self.guest.machine.serial_tail()}"  # fmt: skip
+                cached = ProbeError(name, text)
             self._probes[key] = cached
             self.probe_log[key] = probe_entry(name, cached)
         if isinstance(cached, ProbeError):
@@ -251,8 +282,12 @@ class ProfileRun(RunExpectations):
         return cached
 
     def cached_probe(self, load: str, name: str) -> ProbeRun | None:
-        """A probe run made earlier under another load (e.g. the idle baseline), if there was a good one."""
+        """A probe run made earlier under another load (e.g. the idle baseline), if there was a good one; also one
+        from before a reboot (a before-boot load boots the guest again), from the records kept for results.json."""
         cached = self._probes.get(f"{load}/{name}")
+        if cached is None and f"{load}/{name}" in self.probe_log:
+            entry = self.probe_log[f"{load}/{name}"]
+            return None if entry["error"] else ProbeRun(entry["name"], entry["records"], "", entry["duration_s"] or 0.0)
         return cached if isinstance(cached, ProbeRun) else None
 
     def branch_map(

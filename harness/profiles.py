@@ -16,6 +16,9 @@ from harness.paths import GUEST_TESTS_DIR
 
 DEFAULT_PROFILES_FILE = GUEST_TESTS_DIR / "profiles.toml"
 ACCELS = ("kvm", "tcg")
+#: Each vCPU is pinned to its own host CPU where there are enough (profile_run.pin_vcpus); a handful is plenty for
+#: per-vCPU loads, and more only makes every boot slower.
+MAX_SMP = 8
 #: key -> (type, required, help). The help text is the documentation of the file format.
 PROFILE_KEYS: dict[str, tuple[type, bool, str]] = {
     "description": (str, True, "one line: what the profile asks of the vPMU"),
@@ -23,6 +26,7 @@ PROFILE_KEYS: dict[str, tuple[type, bool, str]] = {
     "tcg_cpu": (str, False, "QEMU -cpu value under TCG (default: cpu with a leading 'host' -> 'max')"),
     "accels": (list, False, 'accelerators it applies to, any of "kvm", "tcg" (default: both)'),
     "requires": (list, False, "host conditions (harness/expectations.py CONDITIONS) that must hold to run it"),
+    "smp": (int, False, f"number of vCPUs (QEMU -smp), 1 to {MAX_SMP}; default 1 (the per-vCPU canaries need 2)"),
 }
 
 
@@ -36,6 +40,8 @@ class Profile:
     tcg_cpu: str
     accels: tuple[str, ...]
     requires: tuple[str, ...] = ()
+    #: vCPUs (QEMU -smp).
+    smp: int = 1
 
     def cpu_for(self, accel: str) -> str:
         """Return the -cpu value for ``accel``."""
@@ -71,7 +77,11 @@ def _profile(path: Path, name: str, table: object) -> Profile:
             CpuModel.parse(value)
         except ValueError as exc:
             raise UsageError(f"{where}: {exc}") from None
-    return Profile(name, table["description"], cpu, table.get("tcg_cpu", _tcg_default(cpu)), accels, tuple(requires))
+    smp = table.get("smp", 1)
+    if isinstance(smp, bool) or not 1 <= smp <= MAX_SMP:
+        raise UsageError(f"{where}: field 'smp' is {smp!r} (allowed: an integer from 1 to {MAX_SMP})")
+    return Profile(name, table["description"], cpu, table.get("tcg_cpu", _tcg_default(cpu)), accels, tuple(requires),
+                   smp)  # fmt: skip
 
 
 def load_profiles(path: Path = DEFAULT_PROFILES_FILE) -> dict[str, Profile]:

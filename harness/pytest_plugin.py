@@ -15,6 +15,7 @@ writes what a run on the ``--vpmu-host-facts`` host would run and skip (``python
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _pytest import junitxml  # xml_key: pytest's junit writer, which writes in place
 
-from harness import hostfacts, matrix, plan, render, results
+from harness import coexist, coexist_depth, hostfacts, matrix, outputs, plan, render, results
 from harness.cpu_model import CpuModel
-from harness.errors import GuestError, HarnessError, UsageError
+from harness.errors import GuestError, HarnessError, OutputError, UsageError
 from harness.expectations import Context, first_unmet, host_offer_notes
 from harness.image import Image, build_image, find_or_build_image
 from harness.kvm_offer import describe as describe_offer
@@ -98,6 +100,12 @@ class SessionState:
     replay: Replay | None = None
     collected: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     rejudged: dict[str, Any] | None = None
+    #: The results document written at the end (the terminal matrix shows it), and why an output could not be
+    #: written (python -m harness run/rejudge print it as their one ERROR line and exit 2).
+    document: dict[str, Any] | None = None
+    output_error: str | None = None
+    #: --junitxml: the path the user asked for; pytest's writer is pointed at a temporary file beside it.
+    junit_target: str | None = None
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -329,7 +337,7 @@ def _write_plan(config: pytest.Config, items: list[pytest.Item]) -> None:
                 for name in state.selected]  # fmt: skip
     source = config.getoption("vpmu_host_facts")
     document = {"host": plan.host_summary(facts, str(source) if source else None), "profiles": profiles}
-    Path(config.getoption("vpmu_plan")).write_text(json.dumps(document, indent=1) + "\n")
+    outputs.write_text(Path(config.getoption("vpmu_plan")), json.dumps(document, indent=1) + "\n", "--vpmu-plan")
 
 
 def _select_stored(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -473,6 +481,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     state = config.stash[STATE_KEY]
     checks_by_run = _final_checks(state)
     if not checks_by_run:
+        if state.output_error:
+            terminalreporter.write_line(f"ERROR: {state.output_error}")
         return
     counts = dict.fromkeys(results.STATUSES, 0)
     marks = {"rejudged": 0, "changed": 0, "kept": 0}
@@ -503,9 +513,11 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(f"REJUDGE: {marks['rejudged']} checks judged again ({marks['changed']} changed), "
                                     f"{marks['kept']} kept as stored (inputs not stored)")  # fmt: skip
     path = config.getoption("vpmu_results")
-    if path:
+    if state.output_error:
+        terminalreporter.write_line(f"ERROR: {state.output_error}")
+    elif path and state.document is not None:
         terminalreporter.section("vpmu matrix")
-        for line in render.compact(matrix.build([results.load(Path(path))])):
+        for line in render.compact(matrix.build([state.document])):
             terminalreporter.write_line(line)
         out = Path(path).parent
         terminalreporter.write_line(f"reports: {path} {out / 'matrix.md'} {out / 'matrix.html'}")
@@ -518,21 +530,74 @@ def _final_checks(state: SessionState) -> list[tuple[tuple[str, str], list[dict[
     return [(key, [c.to_json() for c in checks]) for key, checks in state.checks.items()]
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    config = session.config
-    path = config.getoption("vpmu_results")
-    if STATE_KEY not in config.stash:
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """--junitxml: point pytest's writer at a temporary file beside the target (it writes in place); the file is
+    renamed over the target once complete (pytest_sessionfinish), so junit.xml is never half-written."""
+    xml = session.config.stash.get(junitxml.xml_key, None)
+    if xml is None or STATE_KEY not in session.config.stash:
         return
-    state = config.stash[STATE_KEY]
+    state = session.config.stash[STATE_KEY]
+    state.junit_target = xml.logfile
+    xml.logfile = str(outputs.temp_path(Path(xml.logfile)))
+
+
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> Iterator[None]:
+    """Write results.json and the matrix reports, then let pytest write junit.xml to its temporary name and rename
+    it; each whole or not at all. A file that cannot be written (ENOSPC, EROFS, ...) is recorded, not raised:
+    ``python -m harness run`` prints it as one ERROR line and exits 2."""
+    config = session.config
+    state = config.stash.get(STATE_KEY, None)
+    if state is None:
+        return (yield)
+    try:
+        _write_results(config, state)
+    except OutputError as exc:
+        state.output_error = str(exc)
+    xml = config.stash.get(junitxml.xml_key, None)
+    finished = False
+    try:
+        yield
+        finished = True
+    except OSError as exc:  # pytest's junit writer (open/write of its temporary file)
+        if xml is None or state.junit_target is None:
+            raise
+        state.output_error = state.output_error or outputs.failure_message(Path(state.junit_target), "", exc)
+    finally:
+        if xml is not None and state.junit_target is not None:
+            _publish_junit(state, Path(xml.logfile), finished)
+            xml.logfile = state.junit_target
+    if state.output_error:
+        session.exitstatus = pytest.ExitCode.USAGE_ERROR
+
+
+def _publish_junit(state: SessionState, written: Path, finished: bool) -> None:
+    """Rename pytest's finished junit file over the target; remove it when pytest could not finish writing it."""
+    assert state.junit_target is not None
+    try:
+        if finished and written.is_file():
+            outputs.publish(written, Path(state.junit_target))
+    except OutputError as exc:
+        state.output_error = str(exc)
+    finally:
+        outputs.discard(written)
+
+
+def _write_results(config: pytest.Config, state: SessionState) -> None:
+    """results.json (this run's, or rejudge's document) and matrix.md / matrix.html beside it."""
+    path = config.getoption("vpmu_results")
     if state.replay is not None:
         state.rejudged = _rejudged_document(config, state)
         if path:
+            state.document = state.rejudged
             results.write(Path(path), state.rejudged)
             render.write(matrix.build([state.rejudged]), Path(path).parent)
         return
     if not path:
         return
     accel = _accel(config)
+    log_root = config.getoption("vpmu_log_dir")
     runs = []
     for name in state.selected:
         run = state.runs.get(name)
@@ -554,9 +619,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
                 "probes": inputs.get("probes"),
                 "branch_maps": inputs.get("branch_maps"),
                 "load_inputs": load_inputs,
+                "logs_incomplete": outputs.incomplete_logs(log_root / name) if log_root else [],
                 "checks": [c.to_json() for c in state.checks[(name, load)]],
             })  # fmt: skip
     document = results.build(_host_facts(config), runs)
+    state.document = document
     results.write(Path(path), document)
     render.write(matrix.build([document]), Path(path).parent)
 
@@ -587,6 +654,18 @@ def _rejudged_document(config: pytest.Config, state: SessionState) -> dict[str, 
     document["rejudge"] = {"source": str(replay.source), "source_schema": replay.schema,
                            "host_facts": str(replay.host_source) if replay.host_source else None}  # fmt: skip
     return document
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Shut down every guest a fixture teardown left behind: pytest stops a teardown at a KeyboardInterrupt (Ctrl-C,
+    SIGTERM in ``harness run``) raised by one finalizer without running the others (its SetupState catches only
+    Exception), so a load stopped by Ctrl-C would otherwise leave its profile's guest to the garbage collector."""
+    state = config.stash.get(STATE_KEY, None)
+    for run in state.runs.values() if state is not None else ():
+        try:
+            run.close()
+        except GuestError as exc:  # QEMU had to be killed: nothing is left to do about it
+            logging.getLogger(__name__).warning("closing the guest of %s: %s", run.profile.name, exc)
 
 
 # --- fixtures ---------------------------------------------------------------------------------------------
@@ -700,18 +779,31 @@ def host_load(
         yield state.replay.host_load(profile_run.profile.name, vpmu_load)
         return
     assert isinstance(profile_run, ProfileRun)
-    if profile_run.unavailable or profile_run._guest is None:
+    spec = state.loads[vpmu_load]
+    # A before-boot load boots its own guest (the one before it may have been refused under an earlier such load).
+    if profile_run.unavailable or (profile_run._guest is None and not spec.before_boot):
         yield None
         return
     log_root = pytestconfig.getoption("vpmu_log_dir")
     log_dir = (log_root / profile_run.profile.name / "loads") if log_root else tmp_path_factory.mktemp("loads")
+    if profile_run._guest is not None:
+        profile_run.ensure_alive()  # a guest lost in the previous group is rebooted now: the load needs its threads
     tids, cpus = profile_run.vcpu_threads()
-    exits_before = profile_run.vm_exits_now()
+    exits_before = profile_run.vm_exits_now() if profile_run._guest is not None else None
     start = time.monotonic()
-    load = HostLoad(state.loads[vpmu_load], log_dir, tids, cpus)
+    load = HostLoad(spec, log_dir, tids, cpus)
     load.exits_before = exits_before
     recorder = RecordingLoad(load)
-    load.start()
+    if spec.before_boot:
+        coexist_depth.start_before_boot(load, profile_run)  # the guest is shut down and booted again under the load
+        exits_before = load.exits_before
+    else:
+        load.start()
+    lost = profile_run.lost()
+    if lost is not None:  # the guest went away while the load started: every check of the group is an ERROR
+        load.stop()
+        raise GuestError(f"guest lost while host load {vpmu_load} started: {lost}\n--- serial log (tail) ---\n"
+                         f"{profile_run.guest.machine.serial_tail()}")  # fmt: skip
     try:
         yield recorder
     finally:
@@ -754,6 +846,15 @@ def check(
         # The scenario cannot run here: its checks SKIP with perf's own words (the load check itself still
         # judges the refusal, which the mediated vPMU requires for include-guest events).
         pytest.skip(f"host-load: {host_load.result.reason}")
+    if host_load is not None and check_id not in (HOST_LOAD_CHECK, coexist_depth.LOAD_BEFORE_BOOT_CHECK):
+        # A before-boot load whose guest did not boot: the mediated vPMU's refusal SKIPs the group, anything else is
+        # its ERROR (coexist.load_before_boot judges the boot itself).
+        unbooted = coexist_depth.unbooted_gate(host_load.spec, host_load.result,
+                                               coexist.mediated_pmu_holder(profile_run.ctx))  # fmt: skip
+        if unbooted is not None and unbooted[1]:
+            pytest.skip(unbooted[0])
+        if unbooted is not None:
+            raise GuestError(unbooted[0])
     view = profile_run.view
     reason = plan.vendor_gate(node, view.caps.vendor if view is not None else None)
     if reason:

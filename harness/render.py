@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from markupsafe import Markup
 
+from harness import outputs, svg
 from harness.expectations import host_offer_notes
 from harness.kvm_offer import describe as describe_offer
 from harness.matrix import SYMBOLS, Matrix
@@ -57,8 +59,15 @@ def html(matrix: Matrix) -> str:
     counts = matrix.counts()
     return _environment().get_template("matrix.html.j2").render(
         total=sum(counts.values()), counts=counts, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        hosts=hosts, columns=columns, groups=groups, feature_tables=tables,
+        hosts=hosts, columns=columns, groups=groups, feature_tables=tables, mux=_mux_sections(matrix),
     )  # fmt: skip
+
+
+def _mux_sections(matrix: Matrix) -> list[dict[str, Any]]:
+    """coexist.mux_cost's curves: an inline SVG (drawn in Python, harness/svg.py) and the numbers beside it."""
+    return [{"column": s.column, "status": s.status, "reason": s.reason, "flagged": s.flagged,
+             "svg": Markup(s.svg), "headers": [h for _k, h, _f in svg.COLUMNS], "table": s.table()}
+            for s in svg.mux_sections(matrix)]  # fmt: skip
 
 
 def _md_escape(text: str) -> str:
@@ -100,15 +109,22 @@ def markdown(matrix: Matrix) -> str:
             lines.append(f"| `{check_id}` | " + " | ".join(cells) + " |")
     if problems:
         lines += ["", "## Failures and errors", "", *problems]
+    lines += [_md_escape(line) if line.startswith("**") else line for line in svg.markdown(svg.mux_sections(matrix))]
     return "\n".join(lines) + "\n"
 
 
-def write(matrix: Matrix, out: Path) -> tuple[Path, Path]:
-    """Write ``matrix.md`` and ``matrix.html`` into ``out``; return their paths."""
-    out.mkdir(parents=True, exist_ok=True)
+def write(matrix: Matrix, out: Path, option: str = "") -> tuple[Path, Path]:
+    """Write ``matrix.md`` and ``matrix.html`` into ``out``, each whole or not at all (temp + rename in ``out``;
+    both are rendered before either is written); return their paths.
+
+    :raises OutputError: ``out`` cannot be created or a file cannot be written (one line naming the path).
+    """
+    out = Path(out)
+    md_text, html_text = markdown(matrix), html(matrix)
     md_path, html_path = out / "matrix.md", out / "matrix.html"
-    md_path.write_text(markdown(matrix))
-    html_path.write_text(html(matrix))
+    outputs.prepare_parent(md_path, option)
+    outputs.write_text(md_path, md_text, option)
+    outputs.write_text(html_path, html_text, option)
     return md_path, html_path
 
 

@@ -12,13 +12,14 @@ failed, a guest that did not boot) the check keeps its stored verdict and says w
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from harness.branch_map import BranchMap, BranchSite
 from harness.errors import HarnessError
 from harness.guest_view import GuestView, view_from
-from harness.loads import IDLE, HostLoad, LoadResult, LoadSpec
+from harness.loads import AFTER_BOOT, IDLE, HostLoad, LoadResult, LoadSpec
 from harness.probes import ProbeRun
 from harness.profile_run import RunExpectations
 from harness.profiles import Profile
@@ -36,7 +37,8 @@ class ReplayGap(HarnessError):
 def profile_json(profile: Profile) -> dict[str, Any]:
     """The profile's table as results.json keeps it (``profile_def``)."""
     return {"name": profile.name, "description": profile.description, "cpu": profile.cpu,
-            "tcg_cpu": profile.tcg_cpu, "accels": list(profile.accels), "requires": list(profile.requires)}  # fmt: skip
+            "tcg_cpu": profile.tcg_cpu, "accels": list(profile.accels), "requires": list(profile.requires),
+            "smp": profile.smp}  # fmt: skip
 
 
 def profile_from(run: dict[str, Any]) -> Profile:
@@ -44,14 +46,14 @@ def profile_from(run: dict[str, Any]) -> Profile:
     table = run.get("profile_def")
     if table:
         return Profile(table["name"], table["description"], table["cpu"], table["tcg_cpu"], tuple(table["accels"]),
-                       tuple(table.get("requires", ())))  # fmt: skip
+                       tuple(table.get("requires", ())), int(table.get("smp", 1)))  # fmt: skip
     cpu = (run.get("guest") or {}).get("cpu") or "host"
     return Profile(run["profile"], "(not stored)", cpu, cpu, (run["accel"],))
 
 
 def load_spec_json(spec: LoadSpec) -> dict[str, Any]:
     return {"name": spec.name, "description": spec.description, "command": list(spec.command),
-            "counts_guest": spec.counts_guest}  # fmt: skip
+            "counts_guest": spec.counts_guest, "start": spec.start, "mux_sweep": list(spec.mux_sweep)}  # fmt: skip
 
 
 class RecordingLoad:
@@ -85,6 +87,13 @@ class RecordingLoad:
         self.reads["elapsed_s"] = round(value, 3)
         return value
 
+    def read(self, key: str, measure: Callable[[], Any]) -> Any:
+        """A measurement a check makes through the load (e.g. coexist.mux_cost's sweep), made once and kept in
+        ``reads[key]`` for rejudge."""
+        if key not in self.reads:
+            self.reads[key] = measure()
+        return self.reads[key]
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._load, name)
 
@@ -107,6 +116,15 @@ class ReplayLoad:
 
     def elapsed_s(self) -> float:
         return float(self.reads.get("elapsed_s") or 0.0)
+
+    def read(self, key: str, measure: Callable[[], Any]) -> Any:
+        """The stored measurement (``measure`` is never called: rejudge measures nothing).
+
+        :raises ReplayGap: the original run stored none under ``key``.
+        """
+        if key not in self.reads:
+            raise ReplayGap(f"the original run stored no {key} for load {self.spec.name}")
+        return self.reads[key]
 
 
 def _load_result(run: dict[str, Any], reads: dict[str, Any]) -> LoadResult:
@@ -154,8 +172,8 @@ class ReplayRun(RunExpectations):
         enum = ProbeRun("enum", stored["records"], "", 0.0)
         return view_from(enum, stored.get("kernel_pmus") or [], stored.get("kernel_banner") or "", stored.get("sysfs"))
 
-    def probe(self, name: str, params: dict[str, Any] | None = None, key: str | None = None) -> ProbeRun:
-        """The stored run of probe ``name`` under the current load.
+    def probe(self, name: str, params: dict[str, Any] | None = None, key: str | None = None, cpu: int = 0) -> ProbeRun:
+        """The stored run of probe ``name`` under the current load (``cpu`` is part of the stored ``key``).
 
         :raises ReplayGap: the probe did not run then (the check was gated before measuring) or it failed.
         """
@@ -252,6 +270,7 @@ class Replay:
         inputs = run.get("load_inputs") or {}
         spec_json = inputs.get("spec") or {"name": load, "description": ""}
         spec = LoadSpec(spec_json["name"], spec_json.get("description", ""), tuple(spec_json.get("command", ())),
-                        bool(spec_json.get("counts_guest", False)))  # fmt: skip
+                        bool(spec_json.get("counts_guest", False)), spec_json.get("start", AFTER_BOOT),
+                        tuple(spec_json.get("mux_sweep", ())))  # fmt: skip
         reads = inputs.get("reads") or {}
         return ReplayLoad(spec, _load_result(run, reads), inputs.get("exits_before"), reads)

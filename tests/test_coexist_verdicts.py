@@ -185,7 +185,7 @@ def test_loss_under_a_load_that_does_not_compete_stays_a_fail():
 
 
 def test_only_pinned_hardware_events_that_reach_the_vcpu_compete():
-    assert [n for n, spec in LOADS.items() if coexist.competing_load(spec)] == ["host-pinned"]
+    assert [n for n, spec in LOADS.items() if coexist.competing_load(spec)] == ["host-pinned-vcpu0", "host-pinned"]
     pinned_sw = LoadSpec("x", "d", ("perf", "stat", "-a", "-e", "{cpu-clock,task-clock}:D"))
     assert coexist.competing_load(pinned_sw) is None
     own_task = LoadSpec("x", "d", ("perf", "stat", "-e", "cycles:HD", "--", "true"))

@@ -118,11 +118,22 @@ def test_hostname_is_the_file_stem() -> None:
 # --- same schema as this machine's doctor -----------------------------------------------------------------------
 
 
+VENDOR_SECTIONS = ("amd", "arch_perfmon", "arch_lbr")
+
+
+def null_by_design(path: str) -> bool:
+    """Whether doctor writes None at this path on some healthy host (see missing_keys)."""
+    sections = tuple(f"{parent}.{name}" for parent in ("caps", "pmu") for name in VENDOR_SECTIONS)
+    return path == "cpu.perf_capabilities" or path.endswith(sections)
+
+
 def missing_keys(reference: Any, host: Any, path: str = "") -> list[str]:
     """Keys of the reference dict (recursively through dicts) that the host dict lacks.
 
     Lists are machine specific (PMU names, CPUID entries) and not compared. A host value None where the reference
-    has a dict is allowed only where doctor writes None by design (cpu.perf_capabilities on AMD). kvm_offer's
+    has a dict is allowed only where doctor writes None by design: cpu.perf_capabilities on AMD, and the
+    vendor-specific sections of a capability decoding (``amd`` on Intel, ``arch_perfmon``/``arch_lbr`` on AMD),
+    since this machine may be of either vendor. kvm_offer's
     ``*_reason`` keys appear only when a part of the offer could not be read, so they are not required.
     """
     if not isinstance(reference, dict) or not isinstance(host, dict):
@@ -136,7 +147,7 @@ def missing_keys(reference: Any, host: Any, path: str = "") -> list[str]:
             continue  # keyed by this machine's core PMU names
         if key not in host:
             missing.append(here)
-        elif isinstance(value, dict) and host[key] is None and here != "cpu.perf_capabilities":
+        elif isinstance(value, dict) and host[key] is None and not null_by_design(here):
             missing.append(f"{here} (null)")
         else:
             missing += missing_keys(value, host[key], here)

@@ -26,7 +26,7 @@ def test_run_exits_zero_and_writes_reports(suite_run, host_facts):
     proc, out = suite_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     document = results.load(out / "results.json")
-    expected = ["pmu-off", "pmu-on"] + (["intel-model"] if host_facts["accel"] == "tcg" else [])
+    expected = ["pmu-off", "pmu-on", "pmu-on-2vcpu"] + (["intel-model"] if host_facts["accel"] == "tcg" else [])
     assert [r["profile"] for r in document["runs"]] == expected
     assert document["host"]["accel"] == host_facts["accel"]
     summary = [line for line in proc.stdout.splitlines() if line.startswith("SUMMARY:")]
