@@ -378,6 +378,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     session = _SessionConfig()
     try:
         code = pytest.main([*argv, *extra], plugins=[session])
+    except KeyboardInterrupt:
+        # A SIGTERM during pytest_sessionfinish (report writing) escapes pytest.main; a Ctrl-C is re-raised (130).
+        if not terminated:
+            raise
     finally:
         signal.signal(signal.SIGTERM, previous)
     if terminated:

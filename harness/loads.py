@@ -578,7 +578,7 @@ class HostLoad:
         text = self._out_path.read_text(errors="replace")
         if self._proc.poll() is not None and self.result.status == "running":
             self.result.status = "died"
-            self.result.reason = f"perf exited during the check group (code {self._proc.returncode}): " + \
+            self.result.reason = f"perf {exit_text(self._proc.returncode)} during the check group: " + \
                 (self._output_tail(text) or "no output") + self._gone_targets()  # fmt: skip
         if self._samples is not None:
             return self._record_summary()

@@ -243,10 +243,7 @@ def _checks(run: Run, profile: str) -> list[dict[str, Any]]:
 
 
 #: Known defects, each a strict xfail so that its fix is noticed (and the mark removed).
-KNOWN = {
-    "report-harness-sigterm": "cmd_run maps SIGTERM to 128+15 only when pytest.main returns; a SIGTERM during "
-    "pytest_sessionfinish escapes pytest.main as KeyboardInterrupt and main() exits 130",
-}
+KNOWN: dict[str, str] = {}
 
 
 def _cell_param(cell: Cell) -> Any:
