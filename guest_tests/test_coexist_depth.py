@@ -49,8 +49,9 @@ def test_mux_cost(profile_run, host_load, check):
     canaries = {point["interval_ms"]: profile_run.probe("counters", params, key=point["canary_key"]).records
                 for point in sweep.get("points", []) if not point.get("error")}  # fmt: skip
     idle = profile_run.cached_probe("idle", "counters")
+    contention = coexist.perf_based_contention(host_load.spec, profile_run.host.get("vpmu_mode"))
     verdict = coexist_depth.mux_cost(host_load.spec, expectation, view, sweep, canaries, idle.records if idle else None,
-                                     host_load.result, _errata(profile_run))  # fmt: skip
+                                     host_load.result, _errata(profile_run), contention)  # fmt: skip
     check.judge(verdict, [{**r, "mux_interval_ms": ms} for ms, records in canaries.items() for r in records
                           if r.get("event") == "instructions"])  # fmt: skip
 

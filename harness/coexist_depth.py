@@ -39,7 +39,12 @@ LOAD_BEFORE_BOOT_CHECK = "coexist.load_before_boot"
 #: accel/kvm/kvm-all.c kvm_init_vcpu() error_setg_errno(errp, -ret, "kvm_init_vcpu: kvm_create_vcpu failed (%lu)");
 #: older QEMU (before "accel/kvm: Extract common KVM vCPU {creation,parking} code") said "kvm_get_vcpu failed". The
 #: vCPU thread reports it through &error_fatal and QEMU exits 1.
-VCPU_CREATE_EBUSY = re.compile(r"kvm_init_vcpu: kvm_(?:create|get)_vcpu failed \(\d+\): Device or resource busy")
+#: Matched in any libc's words (glibc "Device or resource busy", musl "Resource busy"; QEMU runs with LC_ALL=C) and in
+#: the pre-errp form "kvm_init_vcpu failed: ..." of older QEMU.
+VCPU_CREATE_EBUSY = re.compile(r"kvm_init_vcpu(?::| failed:)(?: kvm_(?:create|get)_vcpu failed \(\d+\):)? "
+                               r"(?:Device or r|R)esource busy")  # fmt: skip
+#: Any failure of QEMU to create a KVM vCPU (another errno than EBUSY included), in the same forms.
+VCPU_CREATE_FAILED = re.compile(r"kvm_init_vcpu(?::| failed:)[^\n]*")
 #: perf_create_mediated_pmu()'s refusal as the kernel documents it to the administrator (arch/x86/kvm/x86.c).
 MEDIATED_REFUSAL = ("KVM_CREATE_VCPU -> kvm_arch_vcpu_precreate -> perf_create_mediated_pmu() returns -EBUSY while an "
                     "include-guest host event exists (kernel/events/core.c nr_include_guest_events; KVM logs \"Failed "
@@ -84,6 +89,9 @@ def start_before_boot(load: HostLoad, run: ProfileRun) -> None:
         record["booted"] = True
         record["qemu_launched_s"] = round(run.guest.machine.launched_at - begin, 3)
         load.exits_before = run.vm_exits_now()
+    finally:
+        # A load that died before KVM created the vCPU proves nothing about VM creation under it.
+        record["load_alive_after_boot"] = load.alive()
 
 
 def refusal_expected(spec: LoadSpec, holder: coexist.MediatedHolder) -> bool:
@@ -124,24 +132,39 @@ def load_before_boot(spec: LoadSpec, result: LoadResult | None, holder: coexist.
              f"(boot started at {record['boot_started_s']:.2f} s)")  # fmt: skip
     if record["boot_started_s"] is None or record["load_ready_s"] > record["boot_started_s"]:
         return errored(f"{spec.name}: the guest was booted before the load ran ({record})", observed)
-    first = (record.get("boot_error") or "").strip().splitlines()
+    if record.get("load_alive_after_boot") is False:
+        return errored(f"{spec.name} exited before KVM created the VM under it, so VM creation was not tested: "
+                       f"{result.reason or 'perf gone'}", observed)  # fmt: skip
+    error = record.get("boot_error") or ""
+    first = error.strip().splitlines()
+    vcpu_failure = VCPU_CREATE_FAILED.search(error)
     if refusal_expected(spec, holder):
         expected = "VM creation refused with EBUSY"
         if record.get("vcpu_create_refused"):
             return passed(f"{holder.why}; {order}; {MEDIATED_REFUSAL}, and QEMU said so: "
-                          f"{VCPU_CREATE_EBUSY.search(record['boot_error']).group(0)}", expected, observed)  # type: ignore[union-attr]  # fmt: skip
+                          f"{VCPU_CREATE_EBUSY.search(error).group(0)}", expected, observed)  # type: ignore[union-attr]  # fmt: skip
+        if record.get("booted") and not holder.certain:
+            return skipped(f"qemu-limit: {holder.why}; yet the VM was created under the include-guest load "
+                           f"{spec.name}: this QEMU may pass pmu=off to KVM (KVM_PMU_CAP_DISABLE), which spares the "
+                           "VM, so no verdict")  # fmt: skip
         if record.get("booted"):
             return failed(f"{holder.why}, yet KVM created the VM while the include-guest host load {spec.name} "
                           f"existed; {order}; expected: {MEDIATED_REFUSAL}", expected, observed)  # fmt: skip
-        return failed(f"{holder.why}; the VM was not created, but not with EBUSY at KVM_CREATE_VCPU: "
-                      f"{first[0] if first else 'no error text'}", expected, observed)  # fmt: skip
+        if vcpu_failure:
+            return failed(f"{holder.why}; KVM refused the vCPU, but not with EBUSY: {vcpu_failure.group(0)}",
+                          expected, observed)  # fmt: skip
+        return errored(f"the guest did not boot under {spec.name}, and not because KVM refused the vCPU: "
+                       f"{first[0] if first else 'no error text'}", observed)  # fmt: skip
     if record.get("booted"):
         launched = record.get("qemu_launched_s")
         when = f"QEMU launched at {launched:.2f} s; " if launched is not None else ""
         return passed(f"the guest booted under a load that existed before the VM ({holder.why}); {when}{order}",
                       "guest boots", observed)  # fmt: skip
-    return failed(f"the guest did not boot under {spec.name} ({holder.why}, so nothing should refuse it): "
-                  f"{first[0] if first else 'no error text'}", "guest boots", observed)  # fmt: skip
+    if vcpu_failure:
+        return failed(f"KVM refused the vCPU under {spec.name} ({holder.why}, so nothing should refuse it): "
+                      f"{vcpu_failure.group(0)}", "guest boots", observed)  # fmt: skip
+    return errored(f"the guest did not boot under {spec.name} ({holder.why}), not for a KVM refusal: "
+                   f"{first[0] if first else 'no error text'}", observed)  # fmt: skip
 
 
 # --- per-vCPU loads ---------------------------------------------------------------------------------------------
@@ -292,10 +315,15 @@ def mux_cost(
     idle_records: list[Record] | None,
     load: LoadResult | None,
     errata: OvercountErrata | bool = NO_ERRATA,
+    contention: str | None = None,
 ) -> Verdict:
     """Guest counts exact at every perf_event_mux_interval_ms setting; the exits/s curve is reported (observed
     ``points``) and a least-squares rise above mux_sweep.FLAG_EXITS_PER_ROTATION exits per rotation is flagged in the
-    reason. ``canaries``: the canary probe's records per setting (ms)."""
+    reason. ``canaries``: the canary probe's records per setting (ms); ``contention``: as coexist.canary (a pinned
+    load under the perf-based vPMU).
+
+    The canaries are judged before anything that would SKIP the curve (no KVM statistics, no rotation): a loss
+    measured at some setting is a FAIL whether or not the exits could be read."""
     if sweep.get("unavailable"):
         return skipped(sweep["unavailable"])
     restore = sweep.get("restore")
@@ -309,24 +337,37 @@ def mux_cost(
     if broken:
         return errored(f"canary at {broken[0]['interval_ms']} ms: {broken[0]['error']}", sweep)
     rows = mux_sweep.curve(sweep)
-    if not rows or all(row.get("exits_per_s") is None for row in rows):
-        return skipped("qemu: QMP query-stats gave no KVM 'exits' statistic for vCPU 0 (KVM statistics need QEMU "
-                       ">= 7.1 and KVM)")  # fmt: skip
-    shares = [row["host_running_pct"] for row in rows if row.get("host_running_pct") is not None]
-    if shares and min(shares) >= 100.0:
-        return skipped(f"host-load: {spec.name} did not multiplex on the vCPU's CPU (running share 100 % at every "
-                       "setting): there was no rotation to measure")  # fmt: skip
-    problems = []
+    if not rows:
+        return errored("the sweep measured no setting", sweep)
+    problems, skips = [], []
     worst = 0.0
     for row in rows:
         verdict = coexist.canary(expectation, view, canaries.get(row["interval_ms"], []), idle_records, load, {},
-                                 errata)  # fmt: skip
+                                 errata, contention)  # fmt: skip
         error = (verdict.observed or {}).get("count_error_pct") if isinstance(verdict.observed, dict) else None
         row["count_error_pct"] = error
         row["canary"] = verdict.status
         worst = error if error is not None and abs(error) > abs(worst) else worst
         if verdict.status in ("fail", "error"):
             problems.append(f"{row['interval_ms']} ms: {verdict.reason}")
+        elif verdict.status == "skip":
+            skips.append(f"{row['interval_ms']} ms: {verdict.reason}")
+    expected = "exact guest counts at every setting"
+    if problems:
+        return failed("guest counts not exact under host multiplexing at " + "; ".join(problems), expected,
+                      {"points": rows, "count_error_pct": round(worst, 4), "restore": restore})  # fmt: skip
+    if skips:  # the perf-based vPMU's documented loss under a competing load: coexist.canary's SKIP, per setting
+        return skipped("; ".join(skips))
+    shares = [row["host_running_pct"] for row in rows if row.get("host_running_pct") is not None]
+    if shares and min(shares) >= 100.0:
+        return skipped(f"host-load: {spec.name} did not multiplex on the vCPU's CPU (running share 100 % at every "
+                       "setting): there was no rotation to measure (guest counts exact at every setting)")  # fmt: skip
+    settings = ", ".join(str(row["interval_ms"]) for row in rows)
+    if all(row.get("exits_per_s") is None for row in rows):
+        return passed(f"guest counts exact at every setting ({settings} ms); exits curve unavailable: QMP "
+                      "query-stats gave no KVM 'exits' statistic for vCPU 0 (KVM statistics need QEMU >= 7.1 and "
+                      "Linux >= 5.14)", expected, {"points": rows, "count_error_pct": round(worst, 4),
+                                                   "restore": restore})  # fmt: skip
     rise = mux_sweep.slope(rows)
     flagged = rise is not None and rise > mux_sweep.FLAG_EXITS_PER_ROTATION
     if rise is None:
@@ -342,9 +383,5 @@ def mux_cost(
                 "threshold": mux_sweep.FLAG_EXITS_PER_ROTATION, "flagged": flagged, "count_error_pct": round(worst, 4),
                 "vm_exits": {"per_s": rows[0].get("exits_per_s")}, "restore": restore,
                 "schemas": sweep.get("schemas")}  # fmt: skip
-    expected = "exact guest counts at every setting"
-    if problems:
-        return failed("guest counts not exact under host multiplexing at " + "; ".join(problems), expected, observed)
-    settings = ", ".join(str(row["interval_ms"]) for row in rows)
     return passed(f"guest counts exact at every setting ({settings} ms); vCPU 0 exits/s: {curve_text}; {flag}{share}",
                   expected, observed)  # fmt: skip

@@ -612,6 +612,10 @@ class HostLoad:
         shares = [r.pct_running for r in rows if r.time is not None and start < r.time <= end and r.pct_running]
         return min(shares) if shares else None
 
+    def alive(self) -> bool:
+        """Whether the load's perf process still runs (a before-boot load must still exist when KVM creates the VM)."""
+        return self._proc is not None and self._proc.poll() is None
+
     def stop(self) -> LoadResult:
         """SIGINT the process group (perf prints its totals), SIGKILL after STOP_TIMEOUT_S; parse the output; and
         put back any perf_event_mux_interval_ms this load's sweep changed, whatever happened while stopping."""

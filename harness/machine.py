@@ -171,6 +171,7 @@ class QemuMachine:
                     pass_fds=(theirs.fileno(),),
                     start_new_session=True,  # a terminal Ctrl-C reaches the harness, which shuts QEMU down
                     preexec_fn=die_with_parent,
+                    env={**os.environ, "LC_ALL": "C"},  # errors in the C locale's words, which verdicts match
                 )
         finally:
             theirs.close()  # QEMU holds its end; ours sees EOF when QEMU exits
