@@ -23,22 +23,13 @@ from pathlib import Path
 import pytest
 
 from harness.paths import GUEST_TESTS_DIR, cache_root
-from tests.helpers import TEST_DATA, assert_one_line_error, run_cli
+from tests.helpers import TEST_DATA, assert_one_line_error, mount_tmpfs, run_cli
 
 #: A case must end well before a guest could boot (TCG: ~3 s) or a QEMU property probe could finish twice.
 FAST_S = 15.0
 #: A doctor --json file of a real host (tests/data/hosts).
 SPR = TEST_DATA / "hosts" / "spr-perf-based.json"
 RESULTS = {"schema": "vpmu-results/2", "host": {"hostname": "h", "accel": "tcg"}, "runs": []}
-
-
-def _mount(target: Path, options: str) -> None:
-    """Mount a tmpfs with ``options`` on ``target``; SKIP with mount's own words where that is not allowed."""
-    target.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True,
-                          text=True, check=False)  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs ({options}) on {target}: {done.stderr.strip() or done.returncode}")
 
 
 def _umount(target: Path) -> None:
@@ -59,10 +50,10 @@ def mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]
     """A full 64 KiB tmpfs and a read-only tmpfs, unmounted after the module."""
     root = tmp_path_factory.mktemp("mounts")
     full, readonly = root / "full", root / "ro"
-    _mount(full, "size=64k,mode=0755")
+    mount_tmpfs(full, "size=64k,mode=0755")
     try:
         fill(full)
-        _mount(readonly, "ro,size=64k,mode=0755")
+        mount_tmpfs(readonly, "ro,size=64k,mode=0755")
         try:
             yield {"full": full, "ro": readonly}
         finally:

@@ -50,6 +50,7 @@ from harness import results
 from harness.errors import UsageError
 from harness.machine import TMPDIR_PREFIX
 from harness.paths import REPO_ROOT
+from tests.helpers import child_processes
 
 pytestmark = pytest.mark.integration
 
@@ -188,18 +189,10 @@ def _execute(run: Run, root: Path) -> Run:
 def _children() -> list[tuple[int, str]]:
     """Our child processes (with the subreaper set: also every orphan of our runs), reaping the dead ones."""
     found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text()
-        except OSError:
-            continue
-        comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
-        if int(rest[1]) == os.getpid():
-            found.append((int(proc.name), comm))
-            if rest[0] == "Z":
-                os.waitpid(int(proc.name), os.WNOHANG)
+    for pid, comm, state in child_processes(os.getpid()):
+        found.append((pid, comm))
+        if state == "Z":
+            os.waitpid(pid, os.WNOHANG)
     return found
 
 

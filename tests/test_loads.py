@@ -17,6 +17,7 @@ from harness import coexist
 from harness.errors import UsageError
 from harness.loads import IDLE, HostLoad, LoadSpec, load_loads, parse_events, precheck, select_loads
 from harness.paths import REPO_ROOT
+from tests.helpers import child_processes
 
 SW_LOAD = LoadSpec("sw", "software events", ("perf", "stat", "-a", "-x", ",", "-I", "200", "-e",
                                              "cpu-clock,task-clock,context-switches"))  # fmt: skip
@@ -24,18 +25,7 @@ SW_LOAD = LoadSpec("sw", "software events", ("perf", "stat", "-a", "-x", ",", "-
 
 def perf_children(pid: int) -> list[int]:
     """perf processes whose parent is ``pid`` (read from /proc)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        if comm.startswith("perf") and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append(int(proc.name))
-    return found
+    return [child for child, comm, _state in child_processes(pid) if comm.startswith("perf")]
 
 
 def test_shipped_loads():

@@ -24,16 +24,8 @@ import pytest
 from harness import cli, console, matrix, outputs, render, results
 from harness.errors import OutputError
 from harness.paths import REPO_ROOT
-from tests.helpers import assert_one_line_error, run_cli
+from tests.helpers import assert_one_line_error, mount_tmpfs, run_cli
 from tests.test_cli_inputs import fill
-
-
-def mount_tmpfs(target: Path, options: str) -> None:
-    target.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True,
-                          text=True, check=False)  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs ({options}) on {target}: {done.stderr.strip() or done.returncode}")
 
 
 def remount(target: Path, options: str) -> None:

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-import subprocess
 
 import pytest
 
 from harness import diff, matrix, render, results
-from tests.helpers import assert_one_line_error, run_cli
+from tests.helpers import assert_one_line_error, chromium_render, run_cli
 
 
 def check(check_id, status, feature="arch_counters", reason="", expected=None, observed=None):
@@ -160,19 +158,8 @@ def test_malformed_results_are_one_line_errors(tmp_path, content, fragment):
 
 def test_html_renders_in_headless_chromium(suite_run, tmp_path):
     """Open the real run's matrix in Chromium: the screenshot is not empty and every matrix cell is in the DOM."""
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.fail("chromium is not installed (Debian package chromium); scripts/install installs it")
-    html = suite_run[1] / "matrix.html"
-    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600"]  # fmt: skip
-    shot = tmp_path / "matrix.png"
-    subprocess.run([*flags, f"--screenshot={shot}", html.as_uri()], capture_output=True, timeout=120, check=True)
-    data = shot.read_bytes()
+    data, dom = chromium_render(suite_run[1] / "matrix.html", tmp_path, 1600)
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a blank page is a few KB
-    dom = subprocess.run([*flags, "--dump-dom", html.as_uri()], capture_output=True, text=True, timeout=120,
-                         check=True).stdout  # fmt: skip
     document_ = results.load(suite_run[1] / "results.json")
     cells = sum(len(run["checks"]) for run in document_["runs"])
     matrix_html = dom[dom.index('<table id="matrix">') : dom.index("</table>", dom.index('<table id="matrix">'))]

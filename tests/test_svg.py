@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import itertools
 import re
-import shutil
-import subprocess
 import xml.etree.ElementTree as ET
 from dataclasses import asdict
 
-import pytest
-
 from harness import matrix, render, results, svg
+from tests.helpers import chromium_render
 from tests.test_coexist_depth import FLAT_CURVE, PERF_BASED_CURVE, mux_cost, sweep
 
 NS = {"s": "http://www.w3.org/2000/svg"}
@@ -99,19 +96,8 @@ def test_chart_size_stays_small():
 
 def test_the_page_renders_in_headless_chromium(tmp_path):
     """Chromium draws the page: the screenshot is not blank and the DOM has both charts with every point."""
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.fail("chromium is not installed (Debian package chromium); scripts/install installs it")
     render.write(matrix.build([document()]), tmp_path)
-    page = tmp_path / "matrix.html"
-    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1400"]  # fmt: skip
-    shot = tmp_path / "matrix.png"
-    subprocess.run([*flags, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120, check=True)
-    data = shot.read_bytes()
+    data, dom = chromium_render(tmp_path / "matrix.html", tmp_path, 1400)
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
-    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120,
-                         check=True).stdout  # fmt: skip
     assert dom.count("<svg") == 2 and len(re.findall(r"<circle ", dom)) == 2 * 4 * 3
     assert len(re.findall(r'<table class="mux-table">', dom)) == 2
