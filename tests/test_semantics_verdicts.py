@@ -1,0 +1,371 @@
+"""The semantics probe's verdicts (harness/semantics_verdicts.py) over records in its exact output format, built as
+a healthy Intel or AMD KVM guest would print them, and the probe's counted window checked with callgrind.
+
+Record factories are checked against the keys guest_tests/probes/semantics.c.j2 prints, so they cannot drift.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import shutil
+import subprocess
+from dataclasses import replace
+
+import pytest
+
+from harness import semantics_verdicts as sv
+from harness.expectations import Expectation
+from harness.probe_params import SEMANTICS_OVERFLOW_ITERATIONS, semantics_params
+from harness.probes import PROBES_DIR, ProbeBuilder
+from harness.workloads import LOOP
+from tests.test_verdicts import (
+    ABSENT,
+    EXPECTED,
+    WINDOW_KEYS,
+    amd_kvm_guest_view,
+    function_keys,
+    intel_kvm_guest_view,
+    windows,
+)
+
+SOURCE = (PROBES_DIR / "semantics.c.j2").read_text()
+MASK48 = (1 << 48) - 1
+OVF_N = SEMANTICS_OVERFLOW_ITERATIONS
+#: User-mode instructions of the 0-iteration window on a healthy guest: the return half of the enabling pwrite(), the
+#: loop's call with n = 0, the start of the disabling pwrite() (callgrind, test_window_is_the_loop_plus_a_constant).
+ZERO = 98
+FAULTS = Expectation("pmu_msrs_fault", True, "kvm.ignore_msrs=N")
+IGNORED = Expectation("pmu_msrs_fault", False, "host: kvm.ignore_msrs=Y: KVM returns 0 instead of #GP")
+EIO = {"error": "wrmsr", "errno": errno.EIO, "strerror": "Input/output error"}
+PERF_BASED_WATCHDOG = {"vpmu_mode": "perf-based", "sysctls": {"kernel.nmi_watchdog": "1"}}
+
+
+def overflow(counter: str, bit: int, final: int = 1, *, status: int | None = None, after: int = 0, global_: int = 1,
+             width: int = 48, **window) -> dict:  # fmt: skip
+    """An "overflow" record (overflow() in semantics.c.j2): the preset 1 - (zero + loop) wrapped once to ``final``;
+    status as KVM's kvm_perf_overflow() sets it (only this counter's bit), cleared by the write of that bit."""
+    preset = (1 - (ZERO + LOOP.delta_instructions(OVF_N))) & ((1 << width) - 1)
+    return {"probe": "semantics", "kind": "overflow", "counter": counter, "bit": bit, "width": width,
+            "iterations": OVF_N, "global": global_, "write_msr": 0x4C1, "zero": ZERO, "zero_runs": [ZERO, ZERO, 99],
+            "preset": preset, "final": final & ((1 << width) - 1), "status_before": 0,
+            "status": (1 << bit) * global_ if status is None else status, "status_after_clear": after,
+            **windows(**window)}  # fmt: skip
+
+
+def intel_overflows(**changes) -> list[dict]:
+    records = [overflow(f"gp{i}", i) for i in range(8)] + [overflow("fixed0", 32)]
+    for r in records:
+        r.update(changes.get(r["counter"], {}))
+    return records
+
+
+def running(count: int = 150, final: int | None = None, status: int = 1, global_: int = 1) -> list[dict]:
+    """The running_write and running_overflow records (running_write() in semantics.c.j2): 150 user instructions
+    after the WRMSR 0; after WRMSR -1 the loop call plus a 150-instruction tail, minus one."""
+    wrapped = LOOP.instructions(OVF_N) + 150 - 1 if final is None else final
+    return [
+        {
+            "probe": "semantics",
+            "kind": "running_write",
+            "counter": "gp0",
+            "iterations": OVF_N,
+            "write_msr": 0x4C1,
+            "count": count,
+            "irq_n": 0,
+            "faults_n": 0,
+            "switches_n": 0,
+        },
+        {
+            "probe": "semantics",
+            "kind": "running_overflow",
+            "counter": "gp0",
+            "bit": 0,
+            "width": 48,
+            "iterations": OVF_N,
+            "global": global_,
+            "write_msr": 0x4C1,
+            "start": 1 << 24,
+            "preset": MASK48,
+            "final": wrapped & MASK48,
+            "status_before": 0,
+            "status": status * global_,
+            "status_after_clear": 0,
+        },
+    ]
+
+
+def member(counter: str, event: str, value: int, value_0: int = 0, tsc: int = 50_000_000, **window) -> dict:
+    """An "all_counters" record (rec_member() in semantics.c.j2)."""
+    return {"probe": "semantics", "kind": "all_counters", "counter": counter, "event": event, "config": 0,
+            "iterations": 1_000_000, "global": 1, "value_n": value_0 + value, "value_0": value_0, "tsc_n": tsc,
+            **windows(**window)}  # fmt: skip
+
+
+#: What a healthy N = 1e6 window gives for each event (verdicts.event_bounds): exact for instructions/branches.
+HEALTHY = {"core_cycles": 3_000_000, "instructions": LOOP.delta_instructions(1_000_000),
+           "ref_cycles": 2_500_000, "llc_references": 1_000_000, "llc_misses": 990_000,
+           "branch_instructions": LOOP.delta_branches(1_000_000), "branch_misses": 12,
+           "topdown_slots": 12_000_000}  # fmt: skip
+
+
+def all_members(view) -> list[dict]:
+    exact = ("instructions", "branch_instructions")
+    records = [member(f"gp{i}", e["name"], HEALTHY[e["name"]], 300 if e["name"] in exact else 0)
+               for i, e in enumerate(semantics_params(view)["gp_events"])]  # fmt: skip
+    if view.caps.arch_perfmon:
+        records += [member(f"fixed{j}", e, HEALTHY[e], 300 if e == "instructions" else 0)
+                    for j, e in enumerate(("instructions", "core_cycles", "ref_cycles"))]  # fmt: skip
+    return records
+
+
+def absent(op: str, msr: int, faulted: bool = True, value: int = 0) -> dict:
+    record = {"probe": "semantics", "kind": "fixed_absent", "op": op, "index": 3, "msr": msr}
+    if op != "rdmsr":
+        record["written"] = 0x2000 if op == "fixed_ctrl" else (1 << 35 if op == "global_ctrl" else 0)
+    if faulted:
+        return {**record, **EIO, "error": "rdmsr" if op == "rdmsr" else "wrmsr"}
+    return {**record, ("value" if op == "rdmsr" else "read"): value}
+
+
+def absent_records(**accepted) -> list[dict]:
+    ops = (("fixed_ctrl", 0x38D), ("global_ctrl", 0x38F), ("rdmsr", 0x30C), ("wrmsr", 0x30C))
+    return [absent(op, msr, op not in accepted, accepted.get(op, 0)) for op, msr in ops]
+
+
+def perfcap(accepted: bool = False, after: int = 0x2000) -> list[dict]:
+    read = {"probe": "semantics", "kind": "perfcap_write", "op": "rdmsr", "msr": 0x345, "value": 0x2000}
+    writes = [{"probe": "semantics", "kind": "perfcap_write", "op": "wrmsr", "msr": 0x345, "written": v,
+               **({"read": v} if accepted else EIO)} for v in (0x2000, 0)]  # fmt: skip
+    return [read, *writes, {"probe": "semantics", "kind": "perfcap_after", "op": "rdmsr", "msr": 0x345, "value": after}]
+
+
+def alias(broken: int | None = None) -> list[dict]:
+    records = []
+    for i in range(4):
+        for wmsr, rmsr, value in ((0xC0010004 + i, 0xC0010201 + 2 * i, 0x123456789A + i),
+                                  (0xC0010201 + 2 * i, 0xC0010004 + i, 0xABCDEF0123 + i)):  # fmt: skip
+            read = 0 if broken == i else value
+            records.append({"probe": "semantics", "kind": "alias", "index": i, "write_msr": wmsr, "read_msr": rmsr,
+                            "written": value, "read": read})  # fmt: skip
+    return records
+
+
+# --- the factories print what the probe prints ------------------------------------------------------------------
+
+
+def test_factories_emit_the_probe_keys():
+    base = {"probe", "kind"}
+    over = function_keys(SOURCE, "static void overflow(const char", "/* KUT check_running_counter_wrmsr")
+    over |= {"zero_runs"}  # rec_u64_list
+    assert set(overflow("gp0", 0)) == over | WINDOW_KEYS | base
+    run = function_keys(SOURCE, "static void running_write(void)", "/* --- every counter at once")
+    write, wrap = running()
+    assert set(write) | set(wrap) == run | base
+    assert set(member("gp0", "instructions", 1)) == (
+        function_keys(SOURCE, "static void rec_member", "static void all_counters") | WINDOW_KEYS | base
+    )
+    write = function_keys(SOURCE, "int probe_write(", "void probe_read(")
+    read = function_keys(SOURCE, "void probe_read(", "/* Fixed counters beyond")
+    assert set(absent("wrmsr", 0x30C, False)) == write | base and set(absent("rdmsr", 0x30C, False)) == read | base
+    assert set(perfcap()[1]) == write - {"read", "index"} | base | set(EIO)
+    assert set(alias()[0]) == function_keys(SOURCE, "static void write_read_alias", "static void alias") | base
+
+
+# --- overflow on every counter ----------------------------------------------------------------------------------
+
+
+def test_overflow_every_counter_healthy_intel():
+    v = sv.overflow_every_counter(EXPECTED, intel_kvm_guest_view(), intel_overflows())
+    assert v.status == "pass" and "9 counters" in v.reason
+
+
+def test_overflow_off_by_one_fails_unless_an_interrupt_explains_it():
+    view = intel_kvm_guest_view()
+    v = sv.overflow_every_counter(EXPECTED, view, intel_overflows(gp3={"final": 2}))
+    assert v.status == "fail" and "gp3" in v.reason and "count == 1" in v.reason
+    assert sv.overflow_every_counter(EXPECTED, view, intel_overflows(gp3={"final": 2, "irq_n": 1})).status == "pass"
+    # An interrupt in the calibration window makes the preset one too small: the count falls short by one.
+    assert sv.overflow_every_counter(EXPECTED, view, intel_overflows(gp3={"final": 0, "irq_0": 1})).status == "pass"
+
+
+def test_overflow_that_never_wrapped_fails():
+    """A counter that missed the last instructions reads just below 2^48: signed, it is far below 1."""
+    v = sv.overflow_every_counter(EXPECTED, intel_kvm_guest_view(), intel_overflows(fixed0={"final": MASK48 - 40}))
+    assert v.status == "fail" and "fixed0" in v.reason
+
+
+def test_overflow_status_bit_and_clear_exactly_that_bit():
+    view = intel_kvm_guest_view()
+    v = sv.overflow_every_counter(EXPECTED, view, intel_overflows(gp5={"status": 0}))
+    assert v.status == "fail" and "bit 5 not set" in v.reason
+    v = sv.overflow_every_counter(EXPECTED, view, intel_overflows(gp2={"status": 0b101, "status_after_clear": 0}))
+    assert v.status == "fail" and "exactly that bit" in v.reason  # bit 0 was cleared too
+    # Bits above the counters (CondChgd 63, buffer overflow 62) are not this probe's business.
+    high = 1 << 63
+    ok = intel_overflows(gp2={"status": high | 4, "status_after_clear": high})
+    assert sv.overflow_every_counter(EXPECTED, view, ok).status == "pass"
+
+
+def test_overflow_missing_counter_is_an_error_and_absent_pmu_skips():
+    view = intel_kvm_guest_view()
+    v = sv.overflow_every_counter(EXPECTED, view, intel_overflows()[:-1])
+    assert v.status == "error" and "fixed0" in v.reason
+    assert sv.overflow_every_counter(ABSENT, view, []).status == "skip"
+
+
+def test_overflow_amd_allows_vmrun_both_ways():
+    view = amd_kvm_guest_view()
+    records = [overflow(f"gp{i}", i, final=3 if i else MASK48) for i in range(6)]  # +2 and -2 around 1
+    assert sv.overflow_every_counter(EXPECTED, view, records).status == "pass"
+    records[4]["final"] = MASK48 - 5000  # far below: the counter never wrapped
+    assert sv.overflow_every_counter(EXPECTED, view, records).status == "fail"
+
+
+def test_overflow_without_perfmon_v2_judges_the_count_only():
+    view = amd_kvm_guest_view()
+    zen3 = replace(view, caps=replace(view.caps, amd=replace(view.caps.amd, perfmon_v2=False)))  # Milan, Rome
+    records = [overflow(f"gp{i}", i, global_=0) for i in range(6)]
+    v = sv.overflow_every_counter(EXPECTED, zen3, records)
+    assert v.status == "pass" and "count only" in v.reason
+
+
+def test_overflow_shortfall_under_a_competing_host_load_skips():
+    records = intel_overflows(gp7={"final": MASK48 - 400_000, "status": 0})
+    v = sv.overflow_every_counter(EXPECTED, intel_kvm_guest_view(), records, contention="host-pinned (pinned)")
+    assert v.status == "skip" and v.reason.startswith("host-load:")
+    # An overcount is never the load's doing.
+    records = intel_overflows(gp7={"final": 40})
+    v = sv.overflow_every_counter(EXPECTED, intel_kvm_guest_view(), records, contention="host-pinned (pinned)")
+    assert v.status == "fail"
+
+
+# --- WRMSR to a running counter ---------------------------------------------------------------------------------
+
+
+def test_running_write_healthy():
+    v = sv.running_write(EXPECTED, intel_kvm_guest_view(), running())
+    assert v.status == "pass"
+
+
+def test_running_write_ignored_zero_fails():
+    v = sv.running_write(EXPECTED, intel_kvm_guest_view(), running(count=LOOP.delta_instructions(OVF_N) + 150))
+    assert v.status == "fail" and "WRMSR 0" in v.reason
+
+
+def test_running_write_ignored_minus_one_fails_even_without_status():
+    """The counter starts at 2^24: an ignored -1 leaves 2^24 + the loop, which no wrap explains."""
+    ignored = (1 << 24) + LOOP.instructions(OVF_N) + 150
+    v = sv.running_write(EXPECTED, intel_kvm_guest_view(), running(final=ignored, global_=0))
+    assert v.status == "fail" and "WRMSR -1" in v.reason
+    v = sv.running_write(EXPECTED, intel_kvm_guest_view(), running(status=0))
+    assert v.status == "fail" and "bit 0 not set" in v.reason
+
+
+# --- all counters at once ---------------------------------------------------------------------------------------
+
+
+def test_all_counters_healthy_intel_and_amd():
+    for view in (intel_kvm_guest_view(), amd_kvm_guest_view()):
+        v = sv.all_counters(EXPECTED, view, all_members(view))
+        assert v.status == "pass", v.reason
+
+
+def test_all_counters_exact_members_and_missing_ones():
+    view = intel_kvm_guest_view()
+    records = all_members(view)
+    records[1]["value_n"] += 1  # gp1 counts instructions: one too many with no interrupt
+    v = sv.all_counters(EXPECTED, view, records)
+    assert v.status == "fail" and "gp1" in v.reason
+    v = sv.all_counters(EXPECTED, view, all_members(view)[:-1])
+    assert v.status == "error" and "fixed2" in v.reason
+
+
+def test_all_counters_shortfall_with_the_host_watchdog_skips():
+    """perf-based vPMU + host NMI watchdog: one guest counter may stay unscheduled while all are in use."""
+    view = intel_kvm_guest_view()
+    records = all_members(view)
+    records[0]["value_n"] = 0  # gp0 (cycles) never counted
+    assert sv.all_counters(EXPECTED, view, records).status == "fail"
+    v = sv.all_counters(EXPECTED, view, records, host=PERF_BASED_WATCHDOG)
+    assert v.status == "skip" and "nmi_watchdog=1" in v.reason
+    mediated = {**PERF_BASED_WATCHDOG, "vpmu_mode": "mediated"}
+    assert sv.all_counters(EXPECTED, view, records, host=mediated).status == "fail"
+
+
+# --- fixed counters that do not exist ---------------------------------------------------------------------------
+
+
+def test_fixed_absent_all_gp():
+    v = sv.fixed_absent(EXPECTED, intel_kvm_guest_view(), absent_records(), FAULTS)
+    assert v.status == "pass" and "[3]" in v.reason
+
+
+def test_fixed_absent_accepted_control_bit_fails_even_with_ignore_msrs():
+    view = intel_kvm_guest_view()
+    v = sv.fixed_absent(EXPECTED, view, absent_records(fixed_ctrl=0x2000), IGNORED)
+    assert v.status == "fail" and "fixed_ctrl" in v.reason
+    # With ignore_msrs=Y the unknown counter MSR reads 0 instead of faulting: not judged, and said so.
+    v = sv.fixed_absent(EXPECTED, view, absent_records(rdmsr=0, wrmsr=0), IGNORED)
+    assert v.status == "pass" and "ignore_msrs" in v.reason
+    assert sv.fixed_absent(EXPECTED, view, absent_records(rdmsr=0), FAULTS).status == "fail"
+
+
+# --- IA32_PERF_CAPABILITIES -------------------------------------------------------------------------------------
+
+
+def test_perfcap_write():
+    view = intel_kvm_guest_view()
+    assert sv.perfcap_write(EXPECTED, view, perfcap(), FAULTS).status == "pass"
+    v = sv.perfcap_write(EXPECTED, view, perfcap(accepted=True, after=0), FAULTS)
+    assert v.status == "fail" and "want #GP" in v.reason and "changed" in v.reason
+    assert sv.perfcap_write(EXPECTED, view, perfcap(), IGNORED).status == "skip"
+    no_pdcm = replace(view, msrs={})
+    v = sv.perfcap_write(EXPECTED, no_pdcm, [], FAULTS)
+    assert v.status == "skip" and "PDCM" in v.reason
+
+
+# --- AMD K7 aliases ---------------------------------------------------------------------------------------------
+
+
+def test_k7_alias():
+    view = amd_kvm_guest_view()
+    assert sv.k7_alias(EXPECTED, view, alias()).status == "pass"
+    v = sv.k7_alias(EXPECTED, view, alias(broken=2))
+    assert v.status == "fail" and "counter 2" in v.reason
+    legacy = replace(view, caps=replace(view.caps, amd=replace(view.caps.amd, perfctr_core=False)))
+    v = sv.k7_alias(EXPECTED, legacy, [])
+    assert v.status == "skip" and "PerfCtrExtCore" in v.reason
+
+
+# --- the counted window: the loop plus a constant (callgrind) -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def semantics_probe():
+    if shutil.which("valgrind") is None:
+        pytest.fail("valgrind is not installed (Debian package valgrind); scripts/install installs it")
+    return ProbeBuilder().build("semantics", semantics_params(intel_kvm_guest_view()))
+
+
+def window_totals(binary, iterations: int, tmp_path) -> dict[str, int]:
+    out = tmp_path / f"cg.{iterations}"
+    subprocess.run(["valgrind", "--tool=callgrind", "--toggle-collect=sem_window", "--branch-sim=yes",
+                    f"--callgrind-out-file={out}", str(binary), "0", "window", str(iterations)],
+                   check=True, capture_output=True)  # fmt: skip
+    text = out.read_text()
+    events = re.search(r"^events: (.*)$", text, re.M).group(1).split()
+    totals = [int(v) for v in re.search(r"^totals: (.*)$", text, re.M).group(1).split()]
+    return dict(zip(events, totals + [0] * (len(events) - len(totals)), strict=True))
+
+
+def test_window_is_the_loop_plus_a_constant(semantics_probe, tmp_path):
+    """sem_window() (enable, vpmu_loop, disable; its MSR writes go to /dev/null in "window" mode) executes the same
+    user instructions for every N but the loop's: the N-0 difference the overflow preset and the all-counters
+    verdicts rely on is exactly LOOP.delta_instructions(N) and LOOP.delta_branches(N) conditional branches."""
+    zero = window_totals(semantics_probe.binary, 0, tmp_path)
+    for n in (1, OVF_N):
+        totals = window_totals(semantics_probe.binary, n, tmp_path)
+        assert totals["Ir"] - zero["Ir"] == LOOP.delta_instructions(n)
+        assert totals["Bc"] - zero["Bc"] == LOOP.delta_branches(n)
+    assert zero["Ir"] == ZERO  # the factories' calibration value is what the real window executes
