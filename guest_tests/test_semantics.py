@@ -95,3 +95,13 @@ def test_k7_alias(profile_run, check):
     records = semantics(profile_run)
     check.judge(semantics_verdicts.k7_alias(profile_run.pmu_expectation(), profile_run.view, records),
                 kinds(records, "alias"))  # fmt: skip
+
+
+@pytest.mark.check("arch.event_filters")
+def test_event_filters(profile_run, host_load, check):
+    """EVTSEL USR/OS, CMASK, INV and EDGE over the user-mode loop, four counters in one window."""
+    records = semantics(profile_run)
+    check.judge(semantics_verdicts.event_filters(profile_run.pmu_expectation(), profile_run.view, records,
+                                                 errata(profile_run), profile_run.host,
+                                                 contention(profile_run, host_load)),
+                kinds(records, "filters"))  # fmt: skip

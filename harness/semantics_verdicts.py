@@ -386,3 +386,81 @@ def k7_alias(pmu: Expectation, view: GuestView, records: list[Record]) -> Verdic
     if problems:
         return failed("; ".join(problems) + " (APM Vol. 2: K7 MSRs alias counters 0-3)", expected, len(found))
     return passed(f"{len(found)} writes read back through the aliased name", expected, len(found))
+
+
+#: OS-only counting of a user-mode loop: what the kernel runs inside the window (the enabling/disabling pwrite()
+#: paths are the same for N and 0 iterations; the guest's timer ticks and other interrupts during the N window are
+#: not) stays far below the loop; a vPMU that ignored EVTSEL.OS/USR would count the loop (1e7) there.
+OS_FRACTION = 10
+#: cmask=1 + (cmask=1, INV) must add up to the window's user-mode cycles: every cycle has either >= 1 or < 1
+#: instruction retired (SDM Vol. 3B, IA32_PERFEVTSELx INV: "inverts the counter-mask comparison"). The counters are
+#: enabled and disabled by the same GLOBAL_CTRL write; 5 % (+1000 cycles) absorbs the skew of the perf-based
+#: vPMU's separate host events.
+CYCLE_SUM_TOLERANCE = 0.05
+SDM_EVTSEL = "SDM Vol. 3B, IA32_PERFEVTSELx CMASK/INV/EDGE; APM Vol. 2, PerfEvtSeln"
+
+
+def event_filters(
+    pmu: Expectation,
+    view: GuestView,
+    records: list[Record],
+    errata: OvercountErrata = NO_ERRATA,
+    host: dict[str, Any] | None = None,
+    contention: str | None = None,
+) -> Verdict:
+    """EVTSEL filters over the generated loop, four GP counters counting one window at once:
+
+    * USR only: the loop's instructions exactly (N-0); OS only: the N-0 difference under a tenth of that (the loop
+      runs entirely in user mode; KVM turns USR/OS into exclude_user/exclude_kernel, reprogram_counter());
+    * CMASK=2: each counted cycle retired >= 2 of the window's instructions, so 2 x count <= the USR count of the
+      same window (kvm-unit-tests check_counters_many "cmask" asserts count < 10N);
+    * CMASK=1 plus CMASK=1 INV adds up to the window's user-mode cycles (CYCLE_SUM_TOLERANCE);
+    * EDGE with CMASK=1 counts rising edges: at least one, at most the CMASK=1 cycles, and at most one more than the
+      INV (no-retirement) cycles plus one per interrupt/exception (a return to user mode may start a new edge).
+    """
+    verdict = gate(pmu, view.cpuid_pmu, "enumerates no PMU")
+    if verdict:
+        return verdict
+    record = next(iter(_records(records, "filters")), None)
+    if record is None:
+        return errored("semantics probe produced no filters record")
+    if "skipped" in record:
+        return skipped(f"not-enumerated: the guest has {record['skipped']}; the filter window needs four at once")
+    access = _access_problem(record)
+    if access:
+        return failed(access, "counter MSRs accessible", None)
+    n = int(record["iterations"])
+    window = window_events(record)
+    events_b = sum(max(0, record.get(k, 0) or 0) for k in ("irq_b", "faults_b", "switches_b"))
+    usr, os_ = record["usr_n"] - record["usr_0"], record["os_n"] - record["os_0"]
+    observed = {k: record[k] for k in ("usr_n", "usr_0", "os_n", "os_0", "cmask2_n", "cycles_n", "cmask1_n", "inv_n",
+                                       "edge_n", "cycles_b")}  # fmt: skip
+    problems: list[str] = []
+    bounds = event_bounds("instructions", n, view.amd, errata, 0, window)
+    problem = bounds.check(usr)
+    if problem:
+        problems.append(f"USR only: {problem}")
+    os_limit = LOOP.delta_instructions(n) // OS_FRACTION
+    if os_ >= os_limit:
+        problems.append(f"OS only counted {os_:,} over a user-mode loop (N-0), want < {os_limit:,} (EVTSEL.OS/USR)")
+    if 2 * record["cmask2_n"] > record["usr_n"]:
+        problems.append(f"CMASK=2 counted {record['cmask2_n']:,} cycles, more than half the window's "
+                        f"{record['usr_n']:,} instructions ({SDM_EVTSEL})")  # fmt: skip
+    cycles = record["cycles_b"]
+    total = record["cmask1_n"] + record["inv_n"]
+    if abs(total - cycles) > CYCLE_SUM_TOLERANCE * cycles + 1000:
+        problems.append(f"CMASK=1 ({record['cmask1_n']:,}) + INV ({record['inv_n']:,}) = {total:,}, not the window's "
+                        f"{cycles:,} user-mode cycles within 5 % ({SDM_EVTSEL})")  # fmt: skip
+    edge_high = min(record["cmask1_n"], record["inv_n"] + 1 + events_b)
+    if not 1 <= record["edge_n"] <= edge_high:
+        problems.append(f"EDGE counted {record['edge_n']:,} rising edges, want [1, {edge_high:,}] (at most the CMASK=1 "
+                        f"cycles and the INV cycles + 1 + {events_b} interrupts; {SDM_EVTSEL})")  # fmt: skip
+    expected = "USR exact, OS ~0, CMASK=2 <= insns/2, CMASK=1 + INV = cycles, 1 <= EDGE <= min(CMASK=1, INV + 1)"
+    if problems:
+        starved = any(record[k] == 0 for k in ("usr_n", "cycles_n", "cmask1_n", "cycles_b"))
+        explained = f"host-load: {contention}" if contention else watchdog_reason(host or {})
+        if starved and explained:
+            return skipped(f"{explained}: a counter of the filter window never counted; measured: "
+                           f"{'; '.join(problems)}", expected, observed)  # fmt: skip
+        return failed("; ".join(problems), expected, observed)
+    return passed("USR/OS, CMASK, INV and EDGE behave as the SDM defines over the loop", expected, observed)

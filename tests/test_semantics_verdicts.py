@@ -369,3 +369,61 @@ def test_window_is_the_loop_plus_a_constant(semantics_probe, tmp_path):
         assert totals["Ir"] - zero["Ir"] == LOOP.delta_instructions(n)
         assert totals["Bc"] - zero["Bc"] == LOOP.delta_branches(n)
     assert zero["Ir"] == ZERO  # the factories' calibration value is what the real window executes
+
+
+# --- event-select filters ---------------------------------------------------------------------------------------
+
+
+def filters(**changes) -> list[dict]:
+    """A "filters" record (filters() in semantics.c.j2) of a healthy guest: the loop in user mode, a tick and the
+    pwrite() paths in kernel mode, ~2 instructions per cycle."""
+    record = {"probe": "semantics", "kind": "filters", "iterations": 1_000_000,
+              "usr_n": 300 + LOOP.delta_instructions(1_000_000), "usr_0": 300, "os_n": 52_000, "os_0": 40_000,
+              "cmask2_n": 2_000_000, "cycles_n": 5_000_000, "cmask1_n": 3_000_000, "inv_n": 2_000_000,
+              "edge_n": 900_000, "cycles_b": 5_000_000, **windows(), "irq_b": 0, "faults_b": 0,
+              "switches_b": 0}  # fmt: skip
+    record.update(changes)
+    return [record]
+
+
+def test_filters_factory_emits_the_probe_keys():
+    keys = function_keys(SOURCE, "static void filters(void)", "/* One WRMSR (then a read-back")
+    assert set(filters()[0]) == keys - {"skipped"} | WINDOW_KEYS | {"probe", "kind"}
+
+
+def test_event_filters_healthy_and_each_bit_ignored():
+    view = intel_kvm_guest_view()
+    assert sv.event_filters(EXPECTED, view, filters()).status == "pass"
+    ignored = {
+        "OS only": {"os_n": 40_000 + LOOP.delta_instructions(1_000_000)},  # USR/OS ignored: counts the loop
+        "CMASK=2": {"cmask2_n": 300 + LOOP.delta_instructions(1_000_000)},  # CMASK ignored: plain instructions
+        "INV": {"inv_n": 3_000_000},  # INV ignored: the CMASK=1 count again
+        "EDGE": {"edge_n": 3_000_000},  # EDGE ignored: the CMASK=1 count again
+        "USR only": {"usr_n": 301 + LOOP.delta_instructions(1_000_000)},  # one too many, no interrupt
+    }
+    for what, change in ignored.items():
+        v = sv.event_filters(EXPECTED, view, filters(**change))
+        assert v.status == "fail" and what in v.reason, (what, v.reason)
+
+
+def test_event_filters_edges_after_interrupts_and_amd():
+    # Few stall cycles: EDGE may exceed INV + 1 by one per interrupt (a return to user mode starts an edge).
+    view = intel_kvm_guest_view()
+    busy = {"inv_n": 10, "cmask1_n": 4_999_990, "edge_n": 13}
+    assert sv.event_filters(EXPECTED, view, filters(**busy)).status == "fail"
+    assert sv.event_filters(EXPECTED, view, filters(**busy, irq_b=2)).status == "pass"
+    assert sv.event_filters(EXPECTED, amd_kvm_guest_view(), filters(usr_n=2_300 + LOOP.delta_instructions(1_000_000)))\
+        .status == "pass"  # fmt: skip
+
+
+def test_event_filters_skips():
+    view = intel_kvm_guest_view()
+    record = {"probe": "semantics", "kind": "filters", "skipped": "fewer than 4 GP counters"}
+    assert sv.event_filters(EXPECTED, view, [record]).status == "skip"
+    starved = filters(cycles_n=0, cycles_b=0)
+    assert sv.event_filters(EXPECTED, view, starved).status == "fail"
+    v = sv.event_filters(EXPECTED, view, starved, host=PERF_BASED_WATCHDOG)
+    assert v.status == "skip" and v.reason.startswith("host: nmi_watchdog=1")
+    v = sv.event_filters(EXPECTED, view, starved, contention="host-pinned (pinned)")
+    assert v.status == "skip" and v.reason.startswith("host-load:")
+    assert sv.event_filters(ABSENT, view, []).status == "skip"
