@@ -105,3 +105,12 @@ def test_event_filters(profile_run, host_load, check):
                                                  errata(profile_run), profile_run.host,
                                                  contention(profile_run, host_load)),
                 kinds(records, "filters"))  # fmt: skip
+
+
+@pytest.mark.check("arch.rdpmc_fast")
+def test_rdpmc_fast(profile_run, check):
+    """RDPMC with ECX[31] ("fast") #GPs (Linux >= 6.8, mediated vPMU) or, on older KVM, returns bits 31:0."""
+    records = semantics(profile_run)
+    check.judge(semantics_verdicts.rdpmc_fast(profile_run.pmu_expectation(), profile_run.view, records,
+                                              profile_run.host),
+                kinds(records, "rdpmc_fast"))  # fmt: skip

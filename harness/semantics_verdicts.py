@@ -464,3 +464,70 @@ def event_filters(
                            f"{'; '.join(problems)}", expected, observed)  # fmt: skip
         return failed("; ".join(problems), expected, observed)
     return passed("USR/OS, CMASK, INV and EDGE behave as the SDM defines over the loop", expected, observed)
+
+
+#: "KVM: x86/pmu: Disallow "fast" RDPMC for architectural Intel PMUs" (5728a4a0ea79) and "Don't ignore bits 31:30 for
+#: RDPMC index on AMD" (ecb490770ad4), both merged for Linux 6.8: RDPMC with ECX[31] set #GPs. Before, KVM's
+#: kvm_pmu_rdpmc() honoured the "fast" flag on both vendors and returned bits 31:0 of the count, which is what
+#: kvm-unit-tests x86/pmu.c check_rdpmc() still accepts ("fast-<i>", report_skip on #GP); the KVM selftests
+#: (pmu_counters_test.c guest_rd_wr_counters()) require the #GP. Distribution kernels older than 6.8 may carry the
+#: backport, so below 6.8 (or when the host kernel is unknown) both answers are right; from 6.8 only the #GP is.
+FAST_RDPMC_GP_KERNEL = (6, 8)
+FAST_RDPMC_SOURCE = ("KVM 5728a4a0ea79 / ecb490770ad4 (Linux 6.8): RDPMC with ECX[31] #GPs; before, "
+                     "kvm_pmu_rdpmc() returned bits 31:0 (kvm-unit-tests check_rdpmc \"fast-<i>\")")  # fmt: skip
+
+
+def kernel_version(release: str | None) -> tuple[int, int] | None:
+    """(major, minor) of a kernel release string such as "6.12.0" or "5.14.0-427.el9.x86_64", or None."""
+    parts = (release or "").split(".")
+    if len(parts) < 2 or not parts[0].isdigit():
+        return None
+    minor = "".join(c for c in parts[1] if c.isdigit())
+    return (int(parts[0]), int(minor)) if minor else None
+
+
+def rdpmc_fast(pmu: Expectation, view: GuestView, records: list[Record], host: dict[str, Any] | None = None) -> Verdict:
+    """RDPMC with ECX[31] ("fast" read) of a counter holding bits above 31: #GP, or (only before Linux 6.8, see
+    FAST_RDPMC_GP_KERNEL) exactly bits 31:0 of the count. Under the mediated vPMU the hardware answers (RDPMC is
+    not intercepted when the guest has every counter): #GP, as on bare metal (SDM Vol. 2B RDPMC: #GP(0) if ECX is
+    outside the valid range; APM Vol. 3 RDPMC likewise)."""
+    verdict = gate(pmu, view.cpuid_pmu, "enumerates no PMU")
+    if verdict:
+        return verdict
+    found = _records(records, "rdpmc_fast")
+    if not found:
+        return errored("semantics probe produced no rdpmc_fast record")
+    host = host or {}
+    version = kernel_version(host.get("kernel"))
+    must_fault = host.get("vpmu_mode") == "mediated" or (version is not None and version >= FAST_RDPMC_GP_KERNEL)
+    why = ("mediated vPMU" if host.get("vpmu_mode") == "mediated" else f"host kernel {host.get('kernel')}") \
+        if must_fault else f"host kernel {host.get('kernel') or 'unknown'} (before 6.8 either answer)"  # fmt: skip
+    problems: list[str] = []
+    observed: dict[str, Any] = {}
+    for record in found:
+        label = record["counter"]
+        access = _access_problem(record)
+        if access:
+            problems.append(f"{label}: {access}")
+            continue
+        if record["signal"] or not record.get("user_rdpmc"):
+            return skipped(f"guest-kernel: plain RDPMC from user space is not available here (signal "
+                           f"{record['signal']}, cap_user_rdpmc={record.get('user_rdpmc')}); arch.rdpmc judges "
+                           "that")  # fmt: skip
+        full = record["rdmsr"]
+        if full >> 32 == 0:
+            return errored(f"{label}: the counter holds {full:#x}, nothing above bit 31 to tell a fast read apart")
+        if record["fast_signal"]:
+            observed[label] = "#GP"
+            continue
+        observed[label] = record["fast"]
+        if must_fault:
+            problems.append(f"{label}: RDPMC({record['index'] | 1 << 31:#x}) returned {record['fast']:#x}, want #GP "
+                            f"({why}; {FAST_RDPMC_SOURCE})")  # fmt: skip
+        elif record["fast"] != full & 0xFFFFFFFF:
+            problems.append(f"{label}: fast RDPMC returned {record['fast']:#x}, want #GP or bits 31:0 of "
+                            f"{full:#x} = {full & 0xFFFFFFFF:#x} ({FAST_RDPMC_SOURCE})")  # fmt: skip
+    expected = "#GP" if must_fault else "#GP or bits 31:0"
+    if problems:
+        return failed("; ".join(problems), expected, observed)
+    return passed(f"fast RDPMC answers as this KVM must ({why})", expected, observed)

@@ -387,7 +387,7 @@ def filters(**changes) -> list[dict]:
 
 
 def test_filters_factory_emits_the_probe_keys():
-    keys = function_keys(SOURCE, "static void filters(void)", "/* One WRMSR (then a read-back")
+    keys = function_keys(SOURCE, "static void filters(void)", "\"Fast\" RDPMC (ECX[31]")
     assert set(filters()[0]) == keys - {"skipped"} | WINDOW_KEYS | {"probe", "kind"}
 
 
@@ -427,3 +427,43 @@ def test_event_filters_skips():
     v = sv.event_filters(EXPECTED, view, starved, contention="host-pinned (pinned)")
     assert v.status == "skip" and v.reason.startswith("host-load:")
     assert sv.event_filters(ABSENT, view, []).status == "skip"
+
+
+# --- fast RDPMC -------------------------------------------------------------------------------------------------
+
+
+def fast(counter: str = "gp0", index: int = 0, value: int = 0xAB12345678, fast_value: int | None = None) -> dict:
+    """An "rdpmc_fast" record (rdpmc_pair() in semantics.c.j2): the fast read #GPs (SIGSEGV) unless fast_value."""
+    return {"probe": "semantics", "kind": "rdpmc_fast", "counter": counter, "index": index, "written": value,
+            "rdmsr": value, "signal": 0, "rdpmc": value, "fast_signal": 0 if fast_value is not None else 11,
+            "fast": fast_value or 0, "user_rdpmc": 1}  # fmt: skip
+
+
+def test_fast_factory_emits_the_probe_keys():
+    keys = function_keys(SOURCE, "static void rdpmc_pair(", "static void rdpmc_fast(void)")
+    assert set(fast()) == keys | {"probe", "kind"}
+
+
+def test_rdpmc_fast_by_host_kernel():
+    view = intel_kvm_guest_view()
+    gp_fault = [fast(), fast("fixed0", 1 << 30)]
+    low = [fast(fast_value=0x12345678), fast("fixed0", 1 << 30, fast_value=0x12345678)]
+    new, old = {"kernel": "6.12.0", "vpmu_mode": "perf-based"}, {"kernel": "5.15.0-91-generic"}
+    assert sv.rdpmc_fast(EXPECTED, view, gp_fault, new).status == "pass"
+    assert sv.rdpmc_fast(EXPECTED, view, gp_fault, old).status == "pass"  # a backport
+    assert sv.rdpmc_fast(EXPECTED, view, low, old).status == "pass"
+    assert sv.rdpmc_fast(EXPECTED, view, low, {}).status == "pass"  # kernel unknown: both answers
+    v = sv.rdpmc_fast(EXPECTED, view, low, new)
+    assert v.status == "fail" and "want #GP" in v.reason and "5728a4a0ea79" in v.reason
+    assert sv.rdpmc_fast(EXPECTED, view, low, {"kernel": "5.15.0", "vpmu_mode": "mediated"}).status == "fail"
+    wrong = [fast(fast_value=0xAB12345678)]  # the full value: the flag ignored
+    v = sv.rdpmc_fast(EXPECTED, view, wrong, old)
+    assert v.status == "fail" and "bits 31:0" in v.reason
+
+
+def test_rdpmc_fast_cannot_judge():
+    view = intel_kvm_guest_view()
+    no_user = [{**fast(), "signal": 11, "user_rdpmc": 0}]
+    assert sv.rdpmc_fast(EXPECTED, view, no_user, {}).status == "skip"
+    assert sv.rdpmc_fast(EXPECTED, view, [fast(value=0x1234)], {}).status == "error"
+    assert sv.kernel_version("5.14.0-427.el9.x86_64") == (5, 14) and sv.kernel_version("") is None
