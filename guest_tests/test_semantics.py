@@ -114,3 +114,14 @@ def test_rdpmc_fast(profile_run, check):
     check.judge(semantics_verdicts.rdpmc_fast(profile_run.pmu_expectation(), profile_run.view, records,
                                               profile_run.host),
                 kinds(records, "rdpmc_fast"))  # fmt: skip
+
+
+@pytest.mark.check("arch.emulated_cpuid")
+def test_emulated_cpuid(profile_run, host_load, check):
+    """A user-mode CPUID loop (every CPUID exits to KVM) counts its instructions and branches exactly: counting
+    survives VM exits (SKIP on hosts before Linux 5.17, which did not count skipped instructions)."""
+    records = semantics(profile_run)
+    check.judge(semantics_verdicts.emulated_cpuid(profile_run.pmu_expectation(), profile_run.view, records,
+                                                  errata(profile_run), profile_run.host,
+                                                  contention(profile_run, host_load)),
+                kinds(records, "cpuid_loop"))  # fmt: skip

@@ -7,10 +7,12 @@ AMD: harness.verdicts.AMD_EVENTS.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from harness.guest_view import GuestView
 from harness.verdicts import AMD_EVENTS, FIXED_EVENTS, HELD_BACK_WATCHDOG, host_watchdog_starves
+from harness.workloads import CPUID_LOOP
 
 PERF_TYPE_HARDWARE = 0
 PERF_TYPE_RAW = 4
@@ -173,6 +175,8 @@ SEMANTICS_OVERFLOW_ITERATIONS = 100_000
 #: pmu_counters_test.c guest_test_fixed_counters() walks 0..MAX_NR_FIXED_COUNTERS-1 = 0..2; the mediated vPMU may
 #: give a fourth, fixed counter 3).
 SEMANTICS_FIXED_PROBE_LIMIT = 4
+#: CPUID iterations of the emulated-instruction window: each is a VM exit (~1-2 us under KVM), so 10,000 take ~20 ms.
+SEMANTICS_CPUID_ITERATIONS = 10_000
 
 
 def semantics_gp_events(view: GuestView) -> list[dict[str, Any]]:
@@ -204,7 +208,8 @@ def semantics_params(view: GuestView) -> dict[str, Any]:
     """The register layout and events the semantics probe programs (guest_tests/probes/semantics.c.j2)."""
     perfmon = view.caps.arch_perfmon
     common = {"iterations": ITERATIONS, "overflow_iterations": SEMANTICS_OVERFLOW_ITERATIONS,
-              "gp_events": semantics_gp_events(view)}  # fmt: skip
+              "gp_events": semantics_gp_events(view), "cpuid_iterations": SEMANTICS_CPUID_ITERATIONS,
+              "cpuid_loop": asdict(CPUID_LOOP)}  # fmt: skip
     if perfmon is not None:
         perf_caps = view.perf_capabilities() or {}
         fixed_count = perfmon.fixed_counter_mask.bit_length()

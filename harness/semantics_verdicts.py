@@ -32,7 +32,7 @@ from harness.verdicts import (
     watchdog_reason,
     window_events,
 )
-from harness.workloads import LOOP
+from harness.workloads import CPUID_LOOP, LOOP
 
 #: GLOBAL_STATUS bits that belong to counters: Intel GP 0-31 and fixed 32-47 (SDM Vol. 3B, "IA32_PERF_GLOBAL_STATUS"),
 #: AMD 0-5 (APM Vol. 2, "PerfCntrGlobalStatus"). Bits above (PERF_METRICS overflow 48, trace/LBR/buffer overflow,
@@ -531,3 +531,73 @@ def rdpmc_fast(pmu: Expectation, view: GuestView, records: list[Record], host: d
     if problems:
         return failed("; ".join(problems), expected, observed)
     return passed(f"fast RDPMC answers as this KVM must ({why})", expected, observed)
+
+
+#: KVM counts the instructions it skips or emulates for the guest since "KVM: x86: Update vPMCs when retiring
+#: instructions" (9cd803d496e7) and "... retiring branch instructions" (018d70ffcfec), Linux 5.17:
+#: kvm_skip_emulated_instruction() -> kvm_pmu_instruction_retired(); x86_emulate_instruction() -> also
+#: kvm_pmu_branch_retired() for a branch. Older hosts lose one count per exiting instruction.
+EMULATED_COUNT_KERNEL = (5, 17)
+EMULATED_COUNT_SOURCE = (
+    "KVM 9cd803d496e7 (Linux 5.17): kvm_skip_emulated_instruction() -> kvm_pmu_instruction_retired()"
+)
+
+
+def emulated_cpuid(
+    pmu: Expectation,
+    view: GuestView,
+    records: list[Record],
+    errata: OvercountErrata = NO_ERRATA,
+    host: dict[str, Any] | None = None,
+    contention: str | None = None,
+) -> Verdict:
+    """A user-mode loop of CPUID (which always exits to KVM) counts exactly: CPUID_LOOP.delta_instructions(N)
+    instructions and N branches over the N-0 difference, so instruction counting survives N VM exits
+    (kvm-unit-tests check_emulated_instr() counts 5 CPUIDs in its blob; KVM counts the skipped instruction,
+    EMULATED_COUNT_SOURCE). Up to one count per guest interrupt/exception in a window (WindowEvents). AMD and the Intel
+    Atoms with the VM-exit overcount erratum: up to one more instruction and branch per exit (VMRUN / VM-entry may
+    retire as a guest instruction; kvm-unit-tests has no exact checks on AMD), plus verdicts.event_bounds' slack."""
+    verdict = gate(pmu, view.cpuid_pmu, "enumerates no PMU")
+    if verdict:
+        return verdict
+    version = kernel_version((host or {}).get("kernel"))
+    if version is not None and version < EMULATED_COUNT_KERNEL:
+        return skipped(f"kvm-limit: host kernel {(host or {}).get('kernel')} does not count instructions KVM skips "
+                       f"or emulates ({EMULATED_COUNT_SOURCE})")  # fmt: skip
+    record = next(iter(_records(records, "cpuid_loop")), None)
+    if record is None:
+        return errored("semantics probe produced no cpuid_loop record")
+    access = _access_problem(record)
+    if access:
+        return failed(access, "counter MSRs accessible", None)
+    n = int(record["iterations"])
+    window = window_events(record)
+    exits = n if view.amd or errata.covers("instructions") else 0
+    problems: list[str] = []
+    shortfalls: list[str] = []
+    observed: dict[str, Any] = {}
+    for what, exact, value, relax in (
+        ("instructions", CPUID_LOOP.delta_instructions(n), record["instructions_n"] - record["instructions_0"],
+         exits),
+        ("branches", CPUID_LOOP.delta_branches(n), record["branches_n"] - record["branches_0"],
+         n if view.amd or errata.covers("branch_instructions") else 0),
+    ):  # fmt: skip
+        low, high = exact - (window.zero or 0), exact + (window.n or 0) + (relax + AMD_HIGH_SLACK if relax else 0)
+        source = (
+            f"exact: {CPUID_LOOP.insns_per_iter} instructions / 1 branch per CPUID iteration; {EMULATED_COUNT_SOURCE}"
+        )
+        if relax:
+            source += "; + one per VM exit (VMRUN / VM-entry overcount)"
+        if not window.quiet:
+            source += f"; {INTERRUPT_OVERCOUNT_SOURCE}: {window.text()}"
+        observed[what] = value
+        problem = Bounds(low, high, f"{what} over {n:,} CPUIDs (N-0)", source).check(value)
+        if problem:
+            (shortfalls if value < low else problems).append(problem)
+    expected = f"instructions {CPUID_LOOP.delta_instructions(n):,}, branches {CPUID_LOOP.delta_branches(n):,} (N-0)"
+    verdict = contention_skip(contention, shortfalls, problems, expected, observed)
+    if verdict:
+        return verdict
+    if shortfalls or problems:
+        return failed("; ".join(shortfalls + problems), expected, observed)
+    return passed(f"{n:,} CPUID exits counted exactly", expected, observed)

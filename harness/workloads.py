@@ -59,3 +59,32 @@ class LoopWorkload:
 
 
 LOOP = LoopWorkload()
+
+
+@dataclass(frozen=True)
+class CpuidLoopWorkload:
+    """``vpmu_cpuid_loop(n)`` (guest_tests/probes/semantics.c.j2): per iteration ``xor eax``, ``xor ecx``, ``cpuid``,
+    ``dec``, ``jnz``. CPUID always exits to the hypervisor, which skips it and must count it as retired (KVM
+    kvm_skip_emulated_instruction() -> kvm_pmu_instruction_retired()): the loop's count must survive N VM exits."""
+
+    insns_per_iter: int = 5
+    branches_per_iter: int = 1  # jnz
+    #: push rbx, mov, test, jz, pop rbx, ret (CPUID clobbers rbx, which the C caller keeps).
+    fixed_insns: int = 6
+    fixed_branches: int = 2  # jz and ret (the architectural branch event counts returns)
+
+    def instructions(self, iterations: int) -> int:
+        return iterations * self.insns_per_iter + self.fixed_insns
+
+    def conditional_branches(self, iterations: int) -> int:
+        """jz once, jnz per iteration: callgrind's ``Bc``."""
+        return iterations * self.branches_per_iter + 1
+
+    def delta_instructions(self, iterations: int) -> int:
+        return iterations * self.insns_per_iter
+
+    def delta_branches(self, iterations: int) -> int:
+        return iterations * self.branches_per_iter
+
+
+CPUID_LOOP = CpuidLoopWorkload()

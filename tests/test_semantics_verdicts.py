@@ -18,7 +18,7 @@ from harness import semantics_verdicts as sv
 from harness.expectations import Expectation
 from harness.probe_params import SEMANTICS_OVERFLOW_ITERATIONS, semantics_params
 from harness.probes import PROBES_DIR, ProbeBuilder
-from harness.workloads import LOOP
+from harness.workloads import CPUID_LOOP, LOOP
 from tests.test_verdicts import (
     ABSENT,
     EXPECTED,
@@ -348,10 +348,10 @@ def semantics_probe():
     return ProbeBuilder().build("semantics", semantics_params(intel_kvm_guest_view()))
 
 
-def window_totals(binary, iterations: int, tmp_path) -> dict[str, int]:
-    out = tmp_path / f"cg.{iterations}"
-    subprocess.run(["valgrind", "--tool=callgrind", "--toggle-collect=sem_window", "--branch-sim=yes",
-                    f"--callgrind-out-file={out}", str(binary), "0", "window", str(iterations)],
+def window_totals(binary, iterations: int, tmp_path, function: str = "sem_window", mode: str = "window") -> dict:
+    out = tmp_path / f"cg.{function}.{iterations}"
+    subprocess.run(["valgrind", "--tool=callgrind", f"--toggle-collect={function}", "--branch-sim=yes",
+                    f"--callgrind-out-file={out}", str(binary), "0", mode, str(iterations)],
                    check=True, capture_output=True)  # fmt: skip
     text = out.read_text()
     events = re.search(r"^events: (.*)$", text, re.M).group(1).split()
@@ -387,7 +387,7 @@ def filters(**changes) -> list[dict]:
 
 
 def test_filters_factory_emits_the_probe_keys():
-    keys = function_keys(SOURCE, "static void filters(void)", "\"Fast\" RDPMC (ECX[31]")
+    keys = function_keys(SOURCE, "static void filters(void)", '"Fast" RDPMC (ECX[31]')
     assert set(filters()[0]) == keys - {"skipped"} | WINDOW_KEYS | {"probe", "kind"}
 
 
@@ -467,3 +467,46 @@ def test_rdpmc_fast_cannot_judge():
     assert sv.rdpmc_fast(EXPECTED, view, no_user, {}).status == "skip"
     assert sv.rdpmc_fast(EXPECTED, view, [fast(value=0x1234)], {}).status == "error"
     assert sv.kernel_version("5.14.0-427.el9.x86_64") == (5, 14) and sv.kernel_version("") is None
+
+
+# --- CPUID exits are counted -------------------------------------------------------------------------------------
+
+
+def cpuid_loop(extra_insns: int = 0, extra_branches: int = 0, n: int = 10_000, **window) -> list[dict]:
+    """A "cpuid_loop" record (cpuid_loop() in semantics.c.j2) of a host that counts every skipped CPUID."""
+    return [{"probe": "semantics", "kind": "cpuid_loop", "iterations": n,
+             "instructions_n": 99 + CPUID_LOOP.delta_instructions(n) + extra_insns, "instructions_0": 99,
+             "branches_n": 15 + n + extra_branches, "branches_0": 15, **windows(**window)}]  # fmt: skip
+
+
+def test_cpuid_factory_emits_the_probe_keys():
+    keys = function_keys(SOURCE, "static void cpuid_loop(void)", "/* One WRMSR (then a read-back")
+    assert set(cpuid_loop()[0]) == keys | WINDOW_KEYS | {"probe", "kind"}
+
+
+def test_emulated_cpuid():
+    view, host = intel_kvm_guest_view(), {"kernel": "6.12.0"}
+    assert sv.emulated_cpuid(EXPECTED, view, cpuid_loop(), host=host).status == "pass"
+    # A KVM that does not count the skipped CPUID loses one instruction per iteration.
+    v = sv.emulated_cpuid(EXPECTED, view, cpuid_loop(extra_insns=-10_000), host=host)
+    assert v.status == "fail" and "9cd803d496e7" in v.reason
+    v = sv.emulated_cpuid(EXPECTED, view, cpuid_loop(extra_branches=1), host=host)
+    assert v.status == "fail" and "branches" in v.reason
+    assert sv.emulated_cpuid(EXPECTED, view, cpuid_loop(extra_branches=1, irq_n=1), host=host).status == "pass"
+    v = sv.emulated_cpuid(EXPECTED, view, cpuid_loop(extra_insns=-10_000), host={"kernel": "5.15.0"})
+    assert v.status == "skip" and v.reason.startswith("kvm-limit:")
+    # AMD: VMRUN after each exit may retire as a guest instruction and branch.
+    amd = amd_kvm_guest_view()
+    assert sv.emulated_cpuid(EXPECTED, amd, cpuid_loop(10_000, 10_000), host=host).status == "pass"
+    assert sv.emulated_cpuid(EXPECTED, amd, cpuid_loop(extra_insns=-1), host=host).status == "fail"
+
+
+def test_cpuid_loop_and_window_counts(semantics_probe, tmp_path):
+    """vpmu_cpuid_loop executes exactly what CPUID_LOOP declares, and sem_cpuid_window() adds a constant to it."""
+    for n in (0, 1, 1000):
+        totals = window_totals(semantics_probe.binary, n, tmp_path, "vpmu_cpuid_loop", "cpuid_window")
+        assert totals["Ir"] == CPUID_LOOP.instructions(n) and totals["Bc"] == CPUID_LOOP.conditional_branches(n)
+    zero = window_totals(semantics_probe.binary, 0, tmp_path, "sem_cpuid_window", "cpuid_window")
+    many = window_totals(semantics_probe.binary, 1000, tmp_path, "sem_cpuid_window", "cpuid_window")
+    assert many["Ir"] - zero["Ir"] == CPUID_LOOP.delta_instructions(1000)
+    assert many["Bc"] - zero["Bc"] == CPUID_LOOP.delta_branches(1000)
