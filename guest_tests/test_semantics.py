@@ -125,3 +125,12 @@ def test_emulated_cpuid(profile_run, host_load, check):
                                                   errata(profile_run), profile_run.host,
                                                   contention(profile_run, host_load)),
                 kinds(records, "cpuid_loop"))  # fmt: skip
+
+
+@pytest.mark.check("arch.branch_miss_floor")
+def test_branch_miss_floor(profile_run, host_load, check):
+    """Conditional branches on pseudo-random bits mispredict: branch misses >= N/20 (and <= the branches)."""
+    records = semantics(profile_run)
+    check.judge(semantics_verdicts.branch_miss_floor(profile_run.pmu_expectation(), profile_run.view, records,
+                                                     errata(profile_run), contention(profile_run, host_load)),
+                kinds(records, "branch_misses"))  # fmt: skip

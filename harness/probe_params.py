@@ -177,6 +177,8 @@ SEMANTICS_OVERFLOW_ITERATIONS = 100_000
 SEMANTICS_FIXED_PROBE_LIMIT = 4
 #: CPUID iterations of the emulated-instruction window: each is a VM exit (~1-2 us under KVM), so 10,000 take ~20 ms.
 SEMANTICS_CPUID_ITERATIONS = 10_000
+#: Random conditional branches of the branch-miss window (~half mispredict: ~50,000 misses).
+SEMANTICS_RANDOM_ITERATIONS = 100_000
 
 
 def semantics_gp_events(view: GuestView) -> list[dict[str, Any]]:
@@ -209,7 +211,8 @@ def semantics_params(view: GuestView) -> dict[str, Any]:
     perfmon = view.caps.arch_perfmon
     common = {"iterations": ITERATIONS, "overflow_iterations": SEMANTICS_OVERFLOW_ITERATIONS,
               "gp_events": semantics_gp_events(view), "cpuid_iterations": SEMANTICS_CPUID_ITERATIONS,
-              "cpuid_loop": asdict(CPUID_LOOP)}  # fmt: skip
+              "cpuid_loop": asdict(CPUID_LOOP),
+              "random_iterations": SEMANTICS_RANDOM_ITERATIONS}  # fmt: skip
     if perfmon is not None:
         perf_caps = view.perf_capabilities() or {}
         fixed_count = perfmon.fixed_counter_mask.bit_length()

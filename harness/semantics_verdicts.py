@@ -32,7 +32,7 @@ from harness.verdicts import (
     watchdog_reason,
     window_events,
 )
-from harness.workloads import CPUID_LOOP, LOOP
+from harness.workloads import CPUID_LOOP, LOOP, RANDOM_BRANCHES
 
 #: GLOBAL_STATUS bits that belong to counters: Intel GP 0-31 and fixed 32-47 (SDM Vol. 3B, "IA32_PERF_GLOBAL_STATUS"),
 #: AMD 0-5 (APM Vol. 2, "PerfCntrGlobalStatus"). Bits above (PERF_METRICS overflow 48, trace/LBR/buffer overflow,
@@ -601,3 +601,64 @@ def emulated_cpuid(
     if shortfalls or problems:
         return failed("; ".join(shortfalls + problems), expected, observed)
     return passed(f"{n:,} CPUID exits counted exactly", expected, observed)
+
+
+#: The floor of branch misses over the random-branch window: each of the N jz follows a fresh pseudo-random bit, which
+#: no predictor that has not seen the sequence can call better than chance (~N/2 misses); a tenth of that is the
+#: floor, far above KUT's ">= 1" and far below what any working predictor-plus-counter gives.
+BRANCH_MISS_FLOOR_DIVISOR = 20
+
+
+def branch_miss_floor(
+    pmu: Expectation,
+    view: GuestView,
+    records: list[Record],
+    errata: OvercountErrata = NO_ERRATA,
+    contention: str | None = None,
+) -> Verdict:
+    """Branch misses have a floor (kvm-unit-tests x86/pmu.c: branch misses >= 1, forced there by IBPB + an indirect
+    jump from ring 0): over RANDOM_BRANCHES (N conditional branches on pseudo-random bits, user mode) the
+    branch-misses event (Intel 0xC5, AMD 0xC3) counts at least N/BRANCH_MISS_FLOOR_DIVISOR and at most the branches;
+    the branches event counts 2N exactly over N-0 (the workload ran as generated; WindowEvents allowance)."""
+    verdict = gate(pmu, view.cpuid_pmu, "enumerates no PMU")
+    if verdict:
+        return verdict
+    perfmon = view.caps.arch_perfmon
+    if perfmon is not None and not perfmon.events.get("branch_misses"):
+        return skipped("not-enumerated: CPUID.0AH does not offer the branch-misses event (EBX[6] or EAX[31:24])")
+    record = next(iter(_records(records, "branch_misses")), None)
+    if record is None:
+        return errored("semantics probe produced no branch_misses record")
+    if "error" in record and "failed_msr" not in record:
+        return errored(f"semantics probe: {_errno_text(record)}")
+    access = _access_problem(record)
+    if access:
+        return failed(access, "counter MSRs accessible", None)
+    n = int(record["iterations"])
+    window = window_events(record)
+    misses = record["misses_n"] - record["misses_0"]
+    branches = record["branches_n"] - record["branches_0"]
+    observed = {"misses": misses, "branches": branches}
+    problems: list[str] = []
+    shortfalls: list[str] = []
+    exact = RANDOM_BRANCHES.delta_branches(n)
+    relaxed = view.amd or errata.covers("branch_instructions")
+    low, high = exact - (window.zero or 0), exact + (window.n or 0) + (AMD_HIGH_SLACK if relaxed else 0)
+    source = "exact: 2 conditional branches per iteration"
+    source += "" if window.quiet else f"; {INTERRUPT_OVERCOUNT_SOURCE}: {window.text()}"
+    problem = Bounds(low, high, "branches (N-0)", source).check(branches)
+    if problem:
+        (shortfalls if branches < low else problems).append(problem)
+    floor = n // BRANCH_MISS_FLOOR_DIVISOR
+    problem = Bounds(floor, max(branches, floor), "branch misses (N-0)", f"floor N/{BRANCH_MISS_FLOOR_DIVISOR}: "
+                     f"{n:,} branches on pseudo-random bits mispredict ~half the time; at most the branches; "
+                     "kvm-unit-tests: branch misses >= 1").check(misses)  # fmt: skip
+    if problem:
+        (shortfalls if misses < floor else problems).append(problem)
+    expected = f"misses >= {floor:,}, branches {exact:,} (N-0)"
+    verdict = contention_skip(contention, shortfalls, problems, expected, observed)
+    if verdict:
+        return verdict
+    if shortfalls or problems:
+        return failed("; ".join(shortfalls + problems), expected, observed)
+    return passed(f"{misses:,} branch misses over {n:,} unpredictable branches", expected, observed)

@@ -88,3 +88,29 @@ class CpuidLoopWorkload:
 
 
 CPUID_LOOP = CpuidLoopWorkload()
+
+
+@dataclass(frozen=True)
+class RandomBranchWorkload:
+    """``vpmu_random_branches(n, bits)`` (guest_tests/probes/semantics.c.j2): per iteration one byte loaded, ``inc``,
+    ``test $1``, ``jz`` on that bit (taken for even bytes, else one ``nop`` more), ``dec``, ``jnz``. The bits come from
+    a fixed-seed xorshift64 generator the probe runs before the window, so the ``jz`` follows no pattern a predictor
+    could learn: about half of them mispredict."""
+
+    insns_per_iter: int = 6  # movzbl, inc, test, jz, dec, jnz; + 1 nop per odd byte
+    branches_per_iter: int = 2  # jz, jnz (both conditional)
+    fixed_insns: int = 4  # mov, test, jz, ret
+    fixed_branches: int = 2  # jz, ret
+
+    def instructions(self, iterations: int, odd: int) -> int:
+        """``odd``: how many of the ``iterations`` bytes have bit 0 set (one ``nop`` each)."""
+        return iterations * self.insns_per_iter + odd + self.fixed_insns
+
+    def conditional_branches(self, iterations: int) -> int:
+        return iterations * self.branches_per_iter + 1
+
+    def delta_branches(self, iterations: int) -> int:
+        return iterations * self.branches_per_iter
+
+
+RANDOM_BRANCHES = RandomBranchWorkload()

@@ -18,7 +18,7 @@ from harness import semantics_verdicts as sv
 from harness.expectations import Expectation
 from harness.probe_params import SEMANTICS_OVERFLOW_ITERATIONS, semantics_params
 from harness.probes import PROBES_DIR, ProbeBuilder
-from harness.workloads import CPUID_LOOP, LOOP
+from harness.workloads import CPUID_LOOP, LOOP, RANDOM_BRANCHES
 from tests.test_verdicts import (
     ABSENT,
     EXPECTED,
@@ -480,7 +480,7 @@ def cpuid_loop(extra_insns: int = 0, extra_branches: int = 0, n: int = 10_000, *
 
 
 def test_cpuid_factory_emits_the_probe_keys():
-    keys = function_keys(SOURCE, "static void cpuid_loop(void)", "/* One WRMSR (then a read-back")
+    keys = function_keys(SOURCE, "static void cpuid_loop(void)", " * Branch misses have a floor")
     assert set(cpuid_loop()[0]) == keys | WINDOW_KEYS | {"probe", "kind"}
 
 
@@ -510,3 +510,58 @@ def test_cpuid_loop_and_window_counts(semantics_probe, tmp_path):
     many = window_totals(semantics_probe.binary, 1000, tmp_path, "sem_cpuid_window", "cpuid_window")
     assert many["Ir"] - zero["Ir"] == CPUID_LOOP.delta_instructions(1000)
     assert many["Bc"] - zero["Bc"] == CPUID_LOOP.delta_branches(1000)
+
+
+# --- branch misses have a floor ----------------------------------------------------------------------------------
+
+
+def xorshift_odd(n: int) -> int:
+    """How many of fill_random()'s first n bytes (semantics.c.j2) have bit 0 set: the same xorshift64 in Python."""
+    x, odd, mask = 0x9E3779B97F4A7C15, 0, (1 << 64) - 1
+    for _ in range(n):
+        x ^= (x << 13) & mask
+        x ^= x >> 7
+        x ^= (x << 17) & mask
+        odd += (x >> 32) & 1
+    return odd
+
+
+def misses(m: int = 50_000, n: int = 100_000, extra_branches: int = 0, **window) -> list[dict]:
+    """A "branch_misses" record (branch_misses() in semantics.c.j2): ~half of the random jz mispredict."""
+    return [{"probe": "semantics", "kind": "branch_misses", "iterations": n, "odd": n // 2,
+             "misses_n": 3 + m, "misses_0": 3, "branches_n": 15 + 2 * n + extra_branches, "branches_0": 15,
+             **windows(**window)}]  # fmt: skip
+
+
+def test_misses_factory_emits_the_probe_keys():
+    keys = function_keys(SOURCE, "static void branch_misses(void)", "/* One WRMSR (then a read-back")
+    assert set(misses()[0]) == keys | WINDOW_KEYS | {"probe", "kind"}
+
+
+def test_branch_miss_floor():
+    view = intel_kvm_guest_view()
+    assert sv.branch_miss_floor(EXPECTED, view, misses()).status == "pass"
+    v = sv.branch_miss_floor(EXPECTED, view, misses(m=0))
+    assert v.status == "fail" and "floor" in v.reason
+    assert sv.branch_miss_floor(EXPECTED, view, misses(m=0), contention="host-pinned (pinned)").status == "skip"
+    v = sv.branch_miss_floor(EXPECTED, view, misses(m=300_000))
+    assert v.status == "fail" and "at most the branches" in v.reason
+    assert sv.branch_miss_floor(EXPECTED, view, misses(extra_branches=2)).status == "fail"
+    assert sv.branch_miss_floor(EXPECTED, view, misses(extra_branches=2, irq_n=2)).status == "pass"
+    no_event = replace(view, caps=replace(view.caps, arch_perfmon=replace(
+        view.caps.arch_perfmon, events={**view.caps.arch_perfmon.events, "branch_misses": False})))  # fmt: skip
+    assert sv.branch_miss_floor(EXPECTED, no_event, misses()).status == "skip"
+    assert sv.branch_miss_floor(EXPECTED, amd_kvm_guest_view(), misses()).status == "pass"
+
+
+def test_random_branches_counts(semantics_probe, tmp_path):
+    """vpmu_random_branches executes what RANDOM_BRANCHES declares for fill_random()'s bits, and callgrind's own
+    simple predictor mispredicts about half of them (the bits follow no pattern)."""
+    for n in (0, 1, 1000):
+        totals = window_totals(semantics_probe.binary, n, tmp_path, "vpmu_random_branches", "random_window")
+        assert totals["Ir"] == RANDOM_BRANCHES.instructions(n, xorshift_odd(n))
+        assert totals["Bc"] == RANDOM_BRANCHES.conditional_branches(n)
+    assert 0.3 * 1000 < totals["Bcm"] < 0.7 * 1000
+    zero = window_totals(semantics_probe.binary, 0, tmp_path, "sem_random_window", "random_window")
+    many = window_totals(semantics_probe.binary, 1000, tmp_path, "sem_random_window", "random_window")
+    assert many["Bc"] - zero["Bc"] == RANDOM_BRANCHES.delta_branches(1000)
