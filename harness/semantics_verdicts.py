@@ -389,14 +389,19 @@ def k7_alias(pmu: Expectation, view: GuestView, records: list[Record]) -> Verdic
 
 
 #: OS-only counting of a user-mode loop: what the kernel runs inside the window (the enabling/disabling pwrite()
-#: paths are the same for N and 0 iterations; the guest's timer ticks and other interrupts during the N window are
-#: not) stays far below the loop; a vPMU that ignored EVTSEL.OS/USR would count the loop (1e7) there.
-OS_FRACTION = 10
+#: paths are the same for N and 0 iterations; the guest's ticks, softirqs and device interrupts during the N window
+#: are not: a few thousand to tens of thousands of instructions each, over a window of a few ms to tens of ms) stays
+#: well below half the loop; a vPMU that ignored EVTSEL.OS/USR would count the whole loop (1e7) there.
+OS_FRACTION = 2
 #: cmask=1 + (cmask=1, INV) must add up to the window's user-mode cycles: every cycle has either >= 1 or < 1
 #: instruction retired (SDM Vol. 3B, IA32_PERFEVTSELx INV: "inverts the counter-mask comparison"). The counters are
-#: enabled and disabled by the same GLOBAL_CTRL write; 5 % (+1000 cycles) absorbs the skew of the perf-based
+#: enabled and disabled by the same GLOBAL_CTRL write; 10 % (+1000 cycles) absorbs the skew of the perf-based
 #: vPMU's separate host events.
-CYCLE_SUM_TOLERANCE = 0.05
+CYCLE_SUM_TOLERANCE = 0.10
+#: EDGE after a host VM exit the guest cannot see: the counters stop in host mode (exclude_host) and may see a new
+#: rising edge when they start again at VM entry, so host interrupts taken while the guest runs the loop can add
+#: edges beyond the guest's own INV cycles (hundreds per second at most, on a window of milliseconds).
+EDGE_HOST_SLACK = 1000
 SDM_EVTSEL = "SDM Vol. 3B, IA32_PERFEVTSELx CMASK/INV/EDGE; APM Vol. 2, PerfEvtSeln"
 
 
@@ -410,13 +415,14 @@ def event_filters(
 ) -> Verdict:
     """EVTSEL filters over the generated loop, four GP counters counting one window at once:
 
-    * USR only: the loop's instructions exactly (N-0); OS only: the N-0 difference under a tenth of that (the loop
+    * USR only: the loop's instructions exactly (N-0); OS only: the N-0 difference under half of that (the loop
       runs entirely in user mode; KVM turns USR/OS into exclude_user/exclude_kernel, reprogram_counter());
     * CMASK=2: each counted cycle retired >= 2 of the window's instructions, so 2 x count <= the USR count of the
       same window (kvm-unit-tests check_counters_many "cmask" asserts count < 10N);
     * CMASK=1 plus CMASK=1 INV adds up to the window's user-mode cycles (CYCLE_SUM_TOLERANCE);
     * EDGE with CMASK=1 counts rising edges: at least one, at most the CMASK=1 cycles, and at most one more than the
-      INV (no-retirement) cycles plus one per interrupt/exception (a return to user mode may start a new edge).
+      INV (no-retirement) cycles plus one per interrupt/exception (a return to user mode may start a new edge) and
+      EDGE_HOST_SLACK for host exits the guest cannot count.
     """
     verdict = gate(pmu, view.cpuid_pmu, "enumerates no PMU")
     if verdict:
@@ -438,6 +444,7 @@ def event_filters(
     problems: list[str] = []
     bounds = event_bounds("instructions", n, view.amd, errata, 0, window)
     problem = bounds.check(usr)
+    usr_short = problem is not None and usr < bounds.low
     if problem:
         problems.append(f"USR only: {problem}")
     os_limit = LOOP.delta_instructions(n) // OS_FRACTION
@@ -450,14 +457,15 @@ def event_filters(
     total = record["cmask1_n"] + record["inv_n"]
     if abs(total - cycles) > CYCLE_SUM_TOLERANCE * cycles + 1000:
         problems.append(f"CMASK=1 ({record['cmask1_n']:,}) + INV ({record['inv_n']:,}) = {total:,}, not the window's "
-                        f"{cycles:,} user-mode cycles within 5 % ({SDM_EVTSEL})")  # fmt: skip
-    edge_high = min(record["cmask1_n"], record["inv_n"] + 1 + events_b)
+                        f"{cycles:,} user-mode cycles within 10 % ({SDM_EVTSEL})")  # fmt: skip
+    edge_high = min(record["cmask1_n"], record["inv_n"] + 1 + events_b + EDGE_HOST_SLACK)
     if not 1 <= record["edge_n"] <= edge_high:
         problems.append(f"EDGE counted {record['edge_n']:,} rising edges, want [1, {edge_high:,}] (at most the CMASK=1 "
-                        f"cycles and the INV cycles + 1 + {events_b} interrupts; {SDM_EVTSEL})")  # fmt: skip
+                        f"cycles and the INV cycles + 1 + {events_b} interrupts + {EDGE_HOST_SLACK} host exits; "
+                        f"{SDM_EVTSEL})")  # fmt: skip
     expected = "USR exact, OS ~0, CMASK=2 <= insns/2, CMASK=1 + INV = cycles, 1 <= EDGE <= min(CMASK=1, INV + 1)"
     if problems:
-        starved = any(record[k] == 0 for k in ("usr_n", "cycles_n", "cmask1_n", "cycles_b"))
+        starved = usr_short or any(record[k] == 0 for k in ("usr_n", "cycles_n", "cmask1_n", "cycles_b"))
         explained = f"host-load: {contention}" if contention else watchdog_reason(host or {})
         if starved and explained:
             return skipped(f"{explained}: a counter of the filter window never counted; measured: "
