@@ -21,7 +21,7 @@ def semantics(run: ProfileRun) -> list[dict]:
     enumerates no PMU (nothing to program)."""
     if not run.view.cpuid_pmu:
         return []
-    return run.probe("semantics", semantics_params(run.view)).records
+    return run.probe("semantics", semantics_params(run.view, run.host)).records
 
 
 def errata(run: ProfileRun) -> verdicts.OvercountErrata:
@@ -134,3 +134,14 @@ def test_branch_miss_floor(profile_run, host_load, check):
     check.judge(semantics_verdicts.branch_miss_floor(profile_run.pmu_expectation(), profile_run.view, records,
                                                      errata(profile_run), contention(profile_run, host_load)),
                 kinds(records, "branch_misses"))  # fmt: skip
+
+
+@pytest.mark.check("arch.emulated_fep")
+def test_emulated_fep(profile_run, host_load, check):
+    """Instructions KVM emulates behind the forced-emulation prefix are counted exactly (SKIP unless the host sets
+    kvm.force_emulation_prefix)."""
+    records = semantics(profile_run)
+    check.judge(semantics_verdicts.emulated_fep(profile_run.pmu_expectation(), profile_run.view, records,
+                                                errata(profile_run), profile_run.host,
+                                                contention(profile_run, host_load)),
+                kinds(records, "fep_loop"))  # fmt: skip

@@ -179,6 +179,15 @@ SEMANTICS_FIXED_PROBE_LIMIT = 4
 SEMANTICS_CPUID_ITERATIONS = 10_000
 #: Random conditional branches of the branch-miss window (~half mispredict: ~50,000 misses).
 SEMANTICS_RANDOM_ITERATIONS = 100_000
+#: Forced-emulation iterations: each is a #UD exit plus an emulation (~2-5 us), so 2,000 take ~10 ms.
+SEMANTICS_FEP_ITERATIONS = 2_000
+
+
+def force_emulation_prefix(host: dict[str, Any] | None) -> bool:
+    """Whether the host's kvm.force_emulation_prefix is on (doctor ``kvm.force_emulation_prefix``: "Y"/"N" on older
+    kernels, an integer bit mask since 6.7, where any non-zero value enables the prefix)."""
+    value = str(((host or {}).get("kvm") or {}).get("force_emulation_prefix") or "").strip()
+    return value not in ("", "0", "N", "n")
 
 
 def semantics_gp_events(view: GuestView) -> list[dict[str, Any]]:
@@ -206,13 +215,15 @@ def semantics_absent_fixed(fixed_mask: int) -> list[int]:
     return [j for j in range(top) if not (fixed_mask >> j) & 1]
 
 
-def semantics_params(view: GuestView) -> dict[str, Any]:
-    """The register layout and events the semantics probe programs (guest_tests/probes/semantics.c.j2)."""
+def semantics_params(view: GuestView, host: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The register layout and events the semantics probe programs (guest_tests/probes/semantics.c.j2); ``host``
+    facts say whether the forced-emulation loop may run."""
     perfmon = view.caps.arch_perfmon
     common = {"iterations": ITERATIONS, "overflow_iterations": SEMANTICS_OVERFLOW_ITERATIONS,
               "gp_events": semantics_gp_events(view), "cpuid_iterations": SEMANTICS_CPUID_ITERATIONS,
               "cpuid_loop": asdict(CPUID_LOOP),
-              "random_iterations": SEMANTICS_RANDOM_ITERATIONS}  # fmt: skip
+              "random_iterations": SEMANTICS_RANDOM_ITERATIONS, "fep_iterations": SEMANTICS_FEP_ITERATIONS,
+              "fep": force_emulation_prefix(host)}  # fmt: skip
     if perfmon is not None:
         perf_caps = view.perf_capabilities() or {}
         fixed_count = perfmon.fixed_counter_mask.bit_length()

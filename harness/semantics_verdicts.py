@@ -13,6 +13,7 @@ from typing import Any
 
 from harness.expectations import Expectation
 from harness.guest_view import GuestView
+from harness.probe_params import force_emulation_prefix
 from harness.verdicts import (
     DIFFERENTIAL_EVENTS,
     INTERRUPT_OVERCOUNT_SOURCE,
@@ -32,7 +33,7 @@ from harness.verdicts import (
     watchdog_reason,
     window_events,
 )
-from harness.workloads import CPUID_LOOP, LOOP, RANDOM_BRANCHES
+from harness.workloads import CPUID_LOOP, FEP_LOOP, LOOP, RANDOM_BRANCHES
 
 #: GLOBAL_STATUS bits that belong to counters: Intel GP 0-31 and fixed 32-47 (SDM Vol. 3B, "IA32_PERF_GLOBAL_STATUS"),
 #: AMD 0-5 (APM Vol. 2, "PerfCntrGlobalStatus"). Bits above (PERF_METRICS overflow 48, trace/LBR/buffer overflow,
@@ -670,3 +671,73 @@ def branch_miss_floor(
     if shortfalls or problems:
         return failed("; ".join(shortfalls + problems), expected, observed)
     return passed(f"{misses:,} branch misses over {n:,} unpredictable branches", expected, observed)
+
+
+FEP_SOURCE = ("KVM x86.c handle_ud(): the forced-emulation prefix (ud2; \"kvm\") is honoured only with "
+              "kvm.force_emulation_prefix set; x86_emulate_instruction() -> kvm_pmu_instruction_retired(), "
+              "kvm_pmu_branch_retired() (9cd803d496e7, 018d70ffcfec)")  # fmt: skip
+
+
+def emulated_fep(
+    pmu: Expectation,
+    view: GuestView,
+    records: list[Record],
+    errata: OvercountErrata = NO_ERRATA,
+    host: dict[str, Any] | None = None,
+    contention: str | None = None,
+) -> Verdict:
+    """Instructions KVM emulates are counted (kvm-unit-tests check_emulated_instr(), KVM selftests' KVM_FEP
+    variants): a user-mode loop of ``dec`` + a forced-emulation ``jnz`` counts FEP_LOOP.delta_instructions(N)
+    instructions and N branches over N-0 (WindowEvents allowance; AMD / Atom errata: + one per exit). SKIP where the
+    host does not honour the prefix (kvm.force_emulation_prefix off) or predates emulated-instruction counting."""
+    verdict = gate(pmu, view.cpuid_pmu, "enumerates no PMU")
+    if verdict:
+        return verdict
+    host = host or {}
+    if not force_emulation_prefix(host):
+        value = (host.get("kvm") or {}).get("force_emulation_prefix")
+        return skipped(f"host: kvm.force_emulation_prefix={value}: KVM emulates behind the forced-emulation prefix "
+                       "only when it is set (arch/x86/kvm/x86.c handle_ud())")  # fmt: skip
+    version = kernel_version(host.get("kernel"))
+    if version is not None and version < EMULATED_COUNT_KERNEL:
+        return skipped(f"kvm-limit: host kernel {host.get('kernel')} does not count instructions KVM emulates "
+                       f"({EMULATED_COUNT_SOURCE})")  # fmt: skip
+    record = next(iter(_records(records, "fep_loop")), None)
+    if record is None:
+        return errored("semantics probe produced no fep_loop record")
+    if "skipped" in record:
+        return skipped(f"host: the probe ran where {record['skipped']} (results judged again with other host facts)")
+    access = _access_problem(record)
+    if access:
+        return failed(access, "counter MSRs accessible", None)
+    if record["signal"]:
+        return failed(f"the forced-emulation prefix raised signal {record['signal']} in user mode although "
+                      f"kvm.force_emulation_prefix is set ({FEP_SOURCE})", "emulated", record["signal"])  # fmt: skip
+    n = int(record["iterations"])
+    window = window_events(record)
+    problems: list[str] = []
+    shortfalls: list[str] = []
+    observed: dict[str, Any] = {}
+    for what, exact, value, relax in (
+        ("instructions", FEP_LOOP.delta_instructions(n), record["instructions_n"] - record["instructions_0"],
+         n if view.amd or errata.covers("instructions") else 0),
+        ("branches", FEP_LOOP.delta_branches(n), record["branches_n"] - record["branches_0"],
+         n if view.amd or errata.covers("branch_instructions") else 0),
+    ):  # fmt: skip
+        low, high = exact - (window.zero or 0), exact + (window.n or 0) + (relax + AMD_HIGH_SLACK if relax else 0)
+        source = f"exact: dec + an emulated jnz per iteration; {FEP_SOURCE}"
+        if relax:
+            source += "; + one per VM exit (VMRUN / VM-entry overcount)"
+        if not window.quiet:
+            source += f"; {INTERRUPT_OVERCOUNT_SOURCE}: {window.text()}"
+        observed[what] = value
+        problem = Bounds(low, high, f"{what} over {n:,} emulated jnz (N-0)", source).check(value)
+        if problem:
+            (shortfalls if value < low else problems).append(problem)
+    expected = f"instructions {FEP_LOOP.delta_instructions(n):,}, branches {FEP_LOOP.delta_branches(n):,} (N-0)"
+    verdict = contention_skip(contention, shortfalls, problems, expected, observed)
+    if verdict:
+        return verdict
+    if shortfalls or problems:
+        return failed("; ".join(shortfalls + problems), expected, observed)
+    return passed(f"{n:,} forced emulations counted exactly", expected, observed)

@@ -114,3 +114,32 @@ class RandomBranchWorkload:
 
 
 RANDOM_BRANCHES = RandomBranchWorkload()
+
+
+@dataclass(frozen=True)
+class FepLoopWorkload:
+    """``vpmu_fep_loop(n)`` (guest_tests/probes/semantics.c.j2): per iteration ``dec`` and a ``jnz`` behind KVM's
+    forced-emulation prefix (``ud2; .ascii "kvm"``, arch/x86/kvm/x86.c handle_ud()). The ud2 faults, so it never
+    retires; KVM skips the 5 prefix bytes, emulates the jnz and counts it as one instruction and one branch
+    (x86_emulate_instruction() -> kvm_pmu_instruction_retired(), kvm_pmu_branch_retired()). ``vpmu_fep_twin`` is the
+    same loop without the prefix: callgrind checks its counts, and a byte test checks the two differ by the prefix."""
+
+    insns_per_iter: int = 2  # dec, jnz
+    branches_per_iter: int = 1  # jnz (emulated)
+    fixed_insns: int = 4  # mov, test, jz, ret
+    prefix: bytes = bytes((0x0F, 0x0B, 0x6B, 0x76, 0x6D))  # ud2; "kvm"
+
+    def instructions(self, iterations: int) -> int:
+        return iterations * self.insns_per_iter + self.fixed_insns
+
+    def conditional_branches(self, iterations: int) -> int:
+        return iterations * self.branches_per_iter + 1
+
+    def delta_instructions(self, iterations: int) -> int:
+        return iterations * self.insns_per_iter
+
+    def delta_branches(self, iterations: int) -> int:
+        return iterations * self.branches_per_iter
+
+
+FEP_LOOP = FepLoopWorkload()

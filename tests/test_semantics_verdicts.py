@@ -18,7 +18,7 @@ from harness import semantics_verdicts as sv
 from harness.expectations import Expectation
 from harness.probe_params import SEMANTICS_OVERFLOW_ITERATIONS, semantics_params
 from harness.probes import PROBES_DIR, ProbeBuilder
-from harness.workloads import CPUID_LOOP, LOOP, RANDOM_BRANCHES
+from harness.workloads import CPUID_LOOP, FEP_LOOP, LOOP, RANDOM_BRANCHES
 from tests.test_verdicts import (
     ABSENT,
     EXPECTED,
@@ -537,7 +537,7 @@ def misses(m: int = 50_000, n: int = 100_000, extra_branches: int = 0, **window)
 
 
 def test_misses_factory_emits_the_probe_keys():
-    keys = function_keys(SOURCE, "static void branch_misses(void)", "/* One WRMSR (then a read-back")
+    keys = function_keys(SOURCE, "static void branch_misses(void)", " * Forced emulation (KUT")
     assert set(misses()[0]) == keys | WINDOW_KEYS | {"probe", "kind"}
 
 
@@ -568,3 +568,69 @@ def test_random_branches_counts(semantics_probe, tmp_path):
     zero = window_totals(semantics_probe.binary, 0, tmp_path, "sem_random_window", "random_window")
     many = window_totals(semantics_probe.binary, 1000, tmp_path, "sem_random_window", "random_window")
     assert many["Bc"] - zero["Bc"] == RANDOM_BRANCHES.delta_branches(1000)
+
+
+# --- forced emulation ---------------------------------------------------------------------------------------------
+
+FEP_HOST = {"kernel": "6.12.0", "kvm": {"force_emulation_prefix": "1"}}
+
+
+def fep(extra_insns: int = 0, extra_branches: int = 0, n: int = 2_000, signal: int = 0, **window) -> list[dict]:
+    """A "fep_loop" record (fep_loop() in semantics.c.j2) of a host that honours the prefix and counts emulation."""
+    return [{"probe": "semantics", "kind": "fep_loop", "iterations": n, "signal": signal,
+             "instructions_n": 90 + FEP_LOOP.delta_instructions(n) + extra_insns, "instructions_0": 90,
+             "branches_n": 14 + n + extra_branches, "branches_0": 14, **windows(**window)}]  # fmt: skip
+
+
+def test_fep_factory_emits_the_probe_keys():
+    keys = function_keys(SOURCE, "static void fep_loop(void)", "/* One WRMSR (then a read-back")
+    assert set(fep()[0]) == keys - {"skipped"} | WINDOW_KEYS | {"probe", "kind"}
+
+
+def test_emulated_fep():
+    view = intel_kvm_guest_view()
+    assert sv.emulated_fep(EXPECTED, view, fep(), host=FEP_HOST).status == "pass"
+    v = sv.emulated_fep(EXPECTED, view, fep(extra_branches=-2_000), host=FEP_HOST)  # emulated branches not counted
+    assert v.status == "fail" and "branches" in v.reason
+    v = sv.emulated_fep(EXPECTED, view, fep(signal=4), host=FEP_HOST)
+    assert v.status == "fail" and "signal 4" in v.reason
+    for value in ("0", "N", None):
+        v = sv.emulated_fep(EXPECTED, view, [], host={"kernel": "6.12.0", "kvm": {"force_emulation_prefix": value}})
+        assert v.status == "skip" and v.reason.startswith("host: kvm.force_emulation_prefix="), value
+    v = sv.emulated_fep(EXPECTED, view, fep(), host={**FEP_HOST, "kernel": "5.10.0"})
+    assert v.status == "skip" and v.reason.startswith("kvm-limit:")
+    skipped_run = [
+        {"probe": "semantics", "kind": "fep_loop", "skipped": "kvm.force_emulation_prefix is off on the host"}
+    ]
+    assert sv.emulated_fep(EXPECTED, view, skipped_run, host=FEP_HOST).status == "skip"
+    assert sv.emulated_fep(EXPECTED, amd_kvm_guest_view(), fep(2_000, 2_000), host=FEP_HOST).status == "pass"
+    assert semantics_params(view, FEP_HOST)["fep"] and not semantics_params(view, {"kvm": {}})["fep"]
+
+
+def function_bytes(binary, name: str) -> list[int]:
+    """The bytes of function ``name`` in ``binary``, from objdump's raw-instruction column."""
+    out = subprocess.run(["objdump", "-d", f"--disassemble={name}", str(binary)], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    data: list[int] = []
+    for line in out.splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 2 and re.fullmatch(r"\s*[0-9a-f]+:", parts[0]):
+            data += [int(b, 16) for b in parts[1].split()]
+    return data
+
+
+def test_fep_loop_is_its_twin_plus_the_prefix(semantics_probe, tmp_path):
+    """The twin executes what FEP_LOOP declares (callgrind); the FEP loop is the twin with the 5 prefix bytes before
+    the jnz, whose displacement grows by 5 so that both jump back to the dec (and the jz over the body by 5 too)."""
+    for n in (0, 1, 1000):
+        totals = window_totals(semantics_probe.binary, n, tmp_path, "vpmu_fep_twin", "fep_twin_window")
+        assert totals["Ir"] == FEP_LOOP.instructions(n) and totals["Bc"] == FEP_LOOP.conditional_branches(n)
+    twin, loop = function_bytes(semantics_probe.binary, "vpmu_fep_twin"), function_bytes(semantics_probe.binary,
+                                                                                          "vpmu_fep_loop")  # fmt: skip
+    jnz = len(twin) - 3  # jnz rel8 (2 bytes), then ret (1)
+    assert twin[jnz] == 0x75 and len(loop) == len(twin) + len(FEP_LOOP.prefix)
+    jz = 6  # mov (3), test (3), then jz rel8
+    assert twin[jz] == loop[jz] == 0x74 and loop[jz + 1] == twin[jz + 1] + 5
+    assert loop[:jz] == twin[:jz] and loop[jz + 2 : jnz] == twin[jz + 2 : jnz]
+    assert bytes(loop[jnz : jnz + 5]) == FEP_LOOP.prefix
+    assert loop[jnz + 5] == 0x75 and loop[jnz + 6] == (twin[jnz + 1] - 5) & 0xFF and loop[-1] == twin[-1] == 0xC3
