@@ -145,3 +145,13 @@ def test_emulated_fep(profile_run, host_load, check):
                                                 errata(profile_run), profile_run.host,
                                                 contention(profile_run, host_load)),
                 kinds(records, "fep_loop"))  # fmt: skip
+
+
+@pytest.mark.intel("IN_TX / IN_TXCP are Intel's")
+@pytest.mark.check("arch.tsx_cycles")
+def test_tsx_cycles(profile_run, host_load, check):
+    """With RTM in the guest: IN_TX (GP0) and IN_TXCP (GP2) cycles count over aborted transactions."""
+    records = semantics(profile_run)
+    check.judge(semantics_verdicts.tsx_cycles(profile_run.pmu_expectation(), profile_run.view, records,
+                                              contention(profile_run, host_load)),
+                kinds(records, "tsx"))  # fmt: skip

@@ -741,3 +741,32 @@ def emulated_fep(
     if shortfalls or problems:
         return failed("; ".join(shortfalls + problems), expected, observed)
     return passed(f"{n:,} forced emulations counted exactly", expected, observed)
+
+
+TSX_SOURCE = ("SDM Vol. 3B, \"Performance Monitoring and Intel TSX\": IN_TX counts inside transactional regions, "
+              "IN_TXCP everywhere but in aborted regions; kvm-unit-tests check_tsx_cycles(): count > 0")  # fmt: skip
+
+
+def tsx_cycles(pmu: Expectation, view: GuestView, records: list[Record], contention: str | None = None) -> Verdict:
+    """Intel with RTM in the guest: cycles with IN_TX on GP counter 0 and with IN_TXCP on GP counter 2 (the only
+    counter that supports it) both count over 1,000 transactions that spin 200 iterations and then xabort: IN_TX the
+    cycles inside them (> 0), IN_TXCP the cycles outside them (> 0). KVM lets the guest set these bits only with HLE or
+    RTM in its CPUID (intel_pmu_refresh(): raw_event_mask gains HSW_IN_TX | HSW_IN_TX_CHECKPOINTED)."""
+    verdict = gate(pmu, view.cpuid_pmu, "enumerates no PMU")
+    if verdict:
+        return verdict
+    record = next(iter(_records(records, "tsx")), None)
+    if record is None:
+        return errored("semantics probe produced no tsx record")
+    if "skipped" in record:
+        return skipped(f"not-enumerated: {record['skipped']} in the guest (the host or the profile offers no RTM)")
+    access = _access_problem(record)
+    if access:
+        return failed(f"{access} (IN_TX/IN_TXCP must be accepted with RTM enumerated)", "> 0", None)
+    observed = {"in_tx": record["in_tx"], "in_txcp": record["in_txcp"]}
+    zero = [k for k in ("in_tx", "in_txcp") if record[k] == 0]
+    if zero:
+        problem = f"{', '.join(zero)} counted 0 over {record['transactions']:,} aborted transactions ({TSX_SOURCE})"
+        verdict = contention_skip(contention, [problem], [], "> 0", observed)
+        return verdict or failed(problem, "> 0", observed)
+    return passed("IN_TX and IN_TXCP cycles count over aborted transactions", "> 0", observed)

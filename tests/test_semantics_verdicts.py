@@ -583,7 +583,7 @@ def fep(extra_insns: int = 0, extra_branches: int = 0, n: int = 2_000, signal: i
 
 
 def test_fep_factory_emits_the_probe_keys():
-    keys = function_keys(SOURCE, "static void fep_loop(void)", "/* One WRMSR (then a read-back")
+    keys = function_keys(SOURCE, "static void fep_loop(void)", " * TSX cycles (KUT")
     assert set(fep()[0]) == keys - {"skipped"} | WINDOW_KEYS | {"probe", "kind"}
 
 
@@ -634,3 +634,30 @@ def test_fep_loop_is_its_twin_plus_the_prefix(semantics_probe, tmp_path):
     assert loop[:jz] == twin[:jz] and loop[jz + 2 : jnz] == twin[jz + 2 : jnz]
     assert bytes(loop[jnz : jnz + 5]) == FEP_LOOP.prefix
     assert loop[jnz + 5] == 0x75 and loop[jnz + 6] == (twin[jnz + 1] - 5) & 0xFF and loop[-1] == twin[-1] == 0xC3
+
+
+# --- TSX cycles ---------------------------------------------------------------------------------------------------
+
+
+def tsx(in_tx: int = 1_500_000, in_txcp: int = 40_000) -> list[dict]:
+    """A "tsx" record (tsx_cycles() in semantics.c.j2) of a guest with RTM (CPUID.07H:EBX[11])."""
+    return [{"probe": "semantics", "kind": "tsx", "cpuid7_ebx": 1 << 11, "transactions": 1000, "in_tx": in_tx,
+             "in_txcp": in_txcp}]  # fmt: skip
+
+
+def test_tsx_factory_emits_the_probe_keys():
+    keys = function_keys(SOURCE, "static void tsx_cycles(void)", "/* One WRMSR (then a read-back")
+    assert set(tsx()[0]) == keys - {"skipped"} | {"probe", "kind"}
+
+
+def test_tsx_cycles():
+    view = intel_kvm_guest_view()
+    assert sv.tsx_cycles(EXPECTED, view, tsx()).status == "pass"
+    v = sv.tsx_cycles(EXPECTED, view, tsx(in_txcp=0))
+    assert v.status == "fail" and "in_txcp" in v.reason
+    assert sv.tsx_cycles(EXPECTED, view, tsx(in_tx=0), contention="host-pinned (pinned)").status == "skip"
+    no_rtm = [{"probe": "semantics", "kind": "tsx", "cpuid7_ebx": 0, "skipped": "no RTM: CPUID.07H:EBX[11] is clear"}]
+    v = sv.tsx_cycles(EXPECTED, view, no_rtm)
+    assert v.status == "skip" and v.reason.startswith("not-enumerated: no RTM")
+    rejected = [{**tsx()[0], "failed_msr": 0x186, "error": "wrmsr", "errno": errno.EIO, "strerror": "I/O error"}]
+    assert sv.tsx_cycles(EXPECTED, view, rejected).status == "fail"
