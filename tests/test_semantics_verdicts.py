@@ -575,16 +575,25 @@ def test_random_branches_counts(semantics_probe, tmp_path):
 FEP_HOST = {"kernel": "6.12.0", "kvm": {"force_emulation_prefix": "1"}}
 
 
-def fep(extra_insns: int = 0, extra_branches: int = 0, n: int = 2_000, signal: int = 0, **window) -> list[dict]:
-    """A "fep_loop" record (fep_loop() in semantics.c.j2) of a host that honours the prefix and counts emulation."""
+def fep(extra_insns: int = 0, extra_branches: int = 0, n: int = 2_000, signal: int = 0, final: int | None = None,
+        status: int = 0b10, **window) -> list[dict]:  # fmt: skip
+    """The "fep_loop" and "fep_overflow" records (fep_loop(), fep_overflow() in semantics.c.j2) of a host that honours
+    the prefix and counts emulation: the branches counter preset to -(14 + N/2) reads N/2 after the window."""
+    preset = (-(14 + n // 2)) & MASK48
     return [{"probe": "semantics", "kind": "fep_loop", "iterations": n, "signal": signal,
              "instructions_n": 90 + FEP_LOOP.delta_instructions(n) + extra_insns, "instructions_0": 90,
-             "branches_n": 14 + n + extra_branches, "branches_0": 14, **windows(**window)}]  # fmt: skip
+             "branches_n": 14 + n + extra_branches, "branches_0": 14, **windows(**window)},
+            {"probe": "semantics", "kind": "fep_overflow", "iterations": n, "signal": signal, "global": 1,
+             "width": 48, "preset": preset, "final": (n // 2 if final is None else final) & MASK48,
+             "status_before": 0, "status": status, "status_after_clear": 0, "irq_n": 0, "faults_n": 0,
+             "switches_n": 0}]  # fmt: skip
 
 
 def test_fep_factory_emits_the_probe_keys():
     keys = function_keys(SOURCE, "static void fep_loop(void)", " * TSX cycles (KUT")
     assert set(fep()[0]) == keys - {"skipped"} | WINDOW_KEYS | {"probe", "kind"}
+    keys = function_keys(SOURCE, "static void fep_overflow(uint64_t", "static void fep_loop(void)")
+    assert set(fep()[1]) == keys | {"probe", "kind"}
 
 
 def test_emulated_fep():
@@ -604,6 +613,11 @@ def test_emulated_fep():
     ]
     assert sv.emulated_fep(EXPECTED, view, skipped_run, host=FEP_HOST).status == "skip"
     assert sv.emulated_fep(EXPECTED, amd_kvm_guest_view(), fep(2_000, 2_000), host=FEP_HOST).status == "pass"
+    # The wrap through an emulated jnz: status bit 1 and the count left after it.
+    v = sv.emulated_fep(EXPECTED, view, fep(status=0), host=FEP_HOST)
+    assert v.status == "fail" and "bit 1 not set" in v.reason
+    v = sv.emulated_fep(EXPECTED, view, fep(final=-(14 + 1_000)), host=FEP_HOST)  # emulated branches not counted
+    assert v.status == "fail" and "wrap through emulation" in v.reason
     assert semantics_params(view, FEP_HOST)["fep"] and not semantics_params(view, {"kvm": {}})["fep"]
 
 
