@@ -451,7 +451,10 @@ def event_filters(
     os_limit = LOOP.delta_instructions(n) // OS_FRACTION
     if os_ >= os_limit:
         problems.append(f"OS only counted {os_:,} over a user-mode loop (N-0), want < {os_limit:,} (EVTSEL.OS/USR)")
-    if 2 * record["cmask2_n"] > record["usr_n"]:
+    if record["cmask2_n"] == 0:
+        problems.append(f"CMASK=2 counted 0 cycles over {record['usr_n']:,} instructions: every x86 core since the P6 "
+                        "retires several instructions in some cycles, so the counter did not count")  # fmt: skip
+    elif 2 * record["cmask2_n"] > record["usr_n"]:
         problems.append(f"CMASK=2 counted {record['cmask2_n']:,} cycles, more than half the window's "
                         f"{record['usr_n']:,} instructions ({SDM_EVTSEL})")  # fmt: skip
     cycles = record["cycles_b"]
@@ -466,7 +469,8 @@ def event_filters(
                         f"{SDM_EVTSEL})")  # fmt: skip
     expected = "USR exact, OS ~0, CMASK=2 <= insns/2, CMASK=1 + INV = cycles, 1 <= EDGE <= min(CMASK=1, INV + 1)"
     if problems:
-        starved = usr_short or any(record[k] == 0 for k in ("usr_n", "cycles_n", "cmask1_n", "cycles_b"))
+        starved = usr_short or any(record[k] == 0 for k in ("usr_n", "cycles_n", "cmask1_n", "cycles_b", "cmask2_n",
+                                                              "inv_n", "edge_n"))  # fmt: skip
         explained = f"host-load: {contention}" if contention else watchdog_reason(host or {})
         if starved and explained:
             return skipped(f"{explained}: a counter of the filter window never counted; measured: "

@@ -400,6 +400,7 @@ def test_event_filters_healthy_and_each_bit_ignored():
         "INV": {"inv_n": 3_000_000},  # INV ignored: the CMASK=1 count again
         "EDGE": {"edge_n": 3_000_000},  # EDGE ignored: the CMASK=1 count again
         "USR only": {"usr_n": 301 + LOOP.delta_instructions(1_000_000)},  # one too many, no interrupt
+        "counted 0 cycles": {"cmask2_n": 0},  # a CMASK=2 counter that never counted
     }
     for what, change in ignored.items():
         v = sv.event_filters(EXPECTED, view, filters(**change))
