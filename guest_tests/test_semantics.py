@@ -155,3 +155,12 @@ def test_tsx_cycles(profile_run, host_load, check):
     check.judge(semantics_verdicts.tsx_cycles(profile_run.pmu_expectation(), profile_run.view, records,
                                               contention(profile_run, host_load)),
                 kinds(records, "tsx"))  # fmt: skip
+
+
+@pytest.mark.intel("IA32_MISC_ENABLE's PEBS bit is Intel's")
+@pytest.mark.check("arch.misc_enable_pebs")
+def test_misc_enable_pebs(profile_run, check):
+    """Where the guest enumerates PEBS, IA32_MISC_ENABLE.PEBS_UNAVAIL (bit 12) is clear."""
+    records = semantics(profile_run)
+    check.judge(semantics_verdicts.misc_enable_pebs(profile_run.pmu_expectation(), profile_run.view, records),
+                kinds(records, "misc_enable"))  # fmt: skip

@@ -805,3 +805,40 @@ def tsx_cycles(pmu: Expectation, view: GuestView, records: list[Record], content
         verdict = contention_skip(contention, [problem], [], "> 0", observed)
         return verdict or failed(problem, "> 0", observed)
     return passed("IN_TX and IN_TXCP cycles count over aborted transactions", "> 0", observed)
+
+
+MISC_ENABLE_PEBS_UNAVAIL = 1 << 12
+CPUID1_EDX_DS = 1 << 21
+CPUID1_ECX_PDCM = 1 << 15
+
+
+def misc_enable_pebs(pmu: Expectation, view: GuestView, records: list[Record]) -> Verdict:
+    """Where the guest enumerates PEBS (CPUID.01H:EDX.DS[21], PDCM and a non-zero PEBS format in
+    IA32_PERF_CAPABILITIES[11:8]), IA32_MISC_ENABLE bit 12 (PEBS_UNAVAIL, "PEBS not supported", SDM Vol. 4) must be
+    clear: KVM clears it when it gives the vCPU a PEBS format (arch/x86/kvm/vmx/pmu_intel.c intel_pmu_refresh()),
+    QEMU never sets it while DS is present, and a Linux guest uses PEBS only with the bit clear (arch/x86/kernel/cpu/
+    intel.c sets X86_FEATURE_PEBS only then). kvm-unit-tests pmu_pebs.c skips on the bit; KVM selftests msrs_test.
+
+    Only this direction is judged: without PEBS the bit's value depends on the QEMU version (QEMU writes MISC_ENABLE at
+    vCPU reset as the host, which KVM's read-only check does not cover; later QEMU sets PEBS_UNAVAIL itself when DS is
+    absent), so a set or clear bit there is no verdict on KVM."""
+    verdict = gate(pmu, view.cpuid_pmu, "enumerates no PMU")
+    if verdict:
+        return verdict
+    record = next(iter(_records(records, "misc_enable")), None)
+    if record is None:
+        return errored("semantics probe produced no misc_enable record")
+    caps = record.get("perf_capabilities")
+    pebs = (record["cpuid1_edx"] & CPUID1_EDX_DS and record["cpuid1_ecx"] & CPUID1_ECX_PDCM and caps is not None
+            and (caps >> 8) & 0xF)  # fmt: skip
+    if not pebs:
+        return skipped("not-enumerated: the guest has no PEBS (CPUID.01H:EDX.DS, PDCM, IA32_PERF_CAPABILITIES[11:8]); "
+                       "MISC_ENABLE[12] is then QEMU's reset value, not KVM's answer")  # fmt: skip
+    if "error" in record:
+        return failed(f"IA32_MISC_ENABLE: {_errno_text(record)}", "readable", None)
+    observed = {"misc_enable": record["value"], "pebs_format": (caps >> 8) & 0xF}
+    if record["value"] & MISC_ENABLE_PEBS_UNAVAIL:
+        return failed(f"IA32_MISC_ENABLE {record['value']:#x} has PEBS_UNAVAIL (bit 12) set while the guest enumerates "
+                      f"PEBS format {(caps >> 8) & 0xF} (KVM intel_pmu_refresh() clears it; the guest kernel will not "
+                      "use PEBS)", "bit 12 clear", observed)  # fmt: skip
+    return passed("PEBS enumerated and MISC_ENABLE.PEBS_UNAVAIL clear", "bit 12 clear", observed)

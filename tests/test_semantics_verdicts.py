@@ -676,3 +676,28 @@ def test_tsx_cycles():
     assert v.status == "skip" and v.reason.startswith("not-enumerated: no RTM")
     rejected = [{**tsx()[0], "failed_msr": 0x186, "error": "wrmsr", "errno": errno.EIO, "strerror": "I/O error"}]
     assert sv.tsx_cycles(EXPECTED, view, rejected).status == "fail"
+
+
+# --- MISC_ENABLE.PEBS_UNAVAIL -------------------------------------------------------------------------------------
+
+
+def misc(value: int = 0x850089, caps: int = 0x4000_2000 | 0x400, ds: bool = True) -> list[dict]:
+    """A "misc_enable" record (misc_enable() in semantics.c.j2): a PEBS-via-EPT guest (format 4) by default."""
+    return [{"probe": "semantics", "kind": "misc_enable", "cpuid1_edx": (1 << 21) if ds else 0,
+             "cpuid1_ecx": 1 << 15, "perf_capabilities": caps, "value": value}]  # fmt: skip
+
+
+def test_misc_factory_emits_the_probe_keys():
+    keys = function_keys(SOURCE, "static void misc_enable(void)", "/* A guest WRMSR to IA32_PERF_CAPABILITIES")
+    assert set(misc()[0]) == keys - {"perf_capabilities_errno"} | {"probe", "kind"}
+
+
+def test_misc_enable_pebs():
+    view = intel_kvm_guest_view()
+    assert sv.misc_enable_pebs(EXPECTED, view, misc()).status == "pass"
+    v = sv.misc_enable_pebs(EXPECTED, view, misc(value=0x851089))
+    assert v.status == "fail" and "PEBS_UNAVAIL" in v.reason
+    # No PEBS: whatever QEMU's reset value says, no verdict.
+    for record in (misc(caps=0x2000), misc(value=0x1, caps=0x2000), misc(ds=False)):
+        v = sv.misc_enable_pebs(EXPECTED, view, record)
+        assert v.status == "skip" and v.reason.startswith("not-enumerated:")
