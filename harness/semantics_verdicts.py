@@ -795,6 +795,10 @@ def tsx_cycles(pmu: Expectation, view: GuestView, records: list[Record], content
         return errored("semantics probe produced no tsx record")
     if "skipped" in record:
         return skipped(f"not-enumerated: {record['skipped']} in the guest (the host or the profile offers no RTM)")
+    if record.get("cpuid7_edx", 0) & (1 << 11):
+        # CPUID.07H:EDX[11] RTM_ALWAYS_ABORT: XBEGIN aborts at once (TSX_FORCE_ABORT microcode), so there may be no
+        # cycle inside a transaction to count.
+        return skipped("not-enumerated: CPUID.07H:EDX[11] RTM_ALWAYS_ABORT is set: every transaction aborts at once")
     access = _access_problem(record)
     if access:
         return failed(f"{access} (IN_TX/IN_TXCP must be accepted with RTM enumerated)", "> 0", None)

@@ -656,8 +656,8 @@ def test_fep_loop_is_its_twin_plus_the_prefix(semantics_probe, tmp_path):
 
 def tsx(in_tx: int = 1_500_000, in_txcp: int = 40_000) -> list[dict]:
     """A "tsx" record (tsx_cycles() in semantics.c.j2) of a guest with RTM (CPUID.07H:EBX[11])."""
-    return [{"probe": "semantics", "kind": "tsx", "cpuid7_ebx": 1 << 11, "transactions": 1000, "in_tx": in_tx,
-             "in_txcp": in_txcp}]  # fmt: skip
+    return [{"probe": "semantics", "kind": "tsx", "cpuid7_ebx": 1 << 11, "cpuid7_edx": 0, "transactions": 1000,
+             "in_tx": in_tx, "in_txcp": in_txcp}]  # fmt: skip
 
 
 def test_tsx_factory_emits_the_probe_keys():
@@ -671,9 +671,13 @@ def test_tsx_cycles():
     v = sv.tsx_cycles(EXPECTED, view, tsx(in_txcp=0))
     assert v.status == "fail" and "in_txcp" in v.reason
     assert sv.tsx_cycles(EXPECTED, view, tsx(in_tx=0), contention="host-pinned (pinned)").status == "skip"
-    no_rtm = [{"probe": "semantics", "kind": "tsx", "cpuid7_ebx": 0, "skipped": "no RTM: CPUID.07H:EBX[11] is clear"}]
+    no_rtm = [{"probe": "semantics", "kind": "tsx", "cpuid7_ebx": 0, "cpuid7_edx": 0,
+               "skipped": "no RTM: CPUID.07H:EBX[11] is clear"}]  # fmt: skip
     v = sv.tsx_cycles(EXPECTED, view, no_rtm)
     assert v.status == "skip" and v.reason.startswith("not-enumerated: no RTM")
+    always_abort = [{**tsx(in_tx=0)[0], "cpuid7_edx": 1 << 11}]
+    v = sv.tsx_cycles(EXPECTED, view, always_abort)
+    assert v.status == "skip" and "RTM_ALWAYS_ABORT" in v.reason
     rejected = [{**tsx()[0], "failed_msr": 0x186, "error": "wrmsr", "errno": errno.EIO, "strerror": "I/O error"}]
     assert sv.tsx_cycles(EXPECTED, view, rejected).status == "fail"
 
