@@ -7,10 +7,12 @@ AMD: harness.verdicts.AMD_EVENTS.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from harness.guest_view import GuestView
-from harness.verdicts import AMD_EVENTS, HELD_BACK_WATCHDOG, host_watchdog_starves
+from harness.verdicts import AMD_EVENTS, FIXED_EVENTS, HELD_BACK_WATCHDOG, host_watchdog_starves
+from harness.workloads import CPUID_LOOP
 
 PERF_TYPE_HARDWARE = 0
 PERF_TYPE_RAW = 4
@@ -162,3 +164,76 @@ def ibs_params(sysfs: dict[str, str]) -> dict[str, Any]:
     return {"iterations": ITERATIONS, "max_samples": 200, "period": IBS_PERIOD,
             "op_type": int(sysfs["ibs_op/type"]), "op_config": op_config,
             "fetch_type": int(sysfs["ibs_fetch/type"])}  # fmt: skip
+
+
+# --- semantics probe (issue 12: overflow on every counter, WRMSR to a running counter, all counters at once, fixed
+# counters that do not exist, guest writes to IA32_PERF_CAPABILITIES, AMD K7 aliases) ------------------------------
+#: Iterations of the overflow and running-write windows: 1e6 loop instructions, enough to wrap a counter preset just
+#: below its width, short enough that most windows see no guest interrupt (each one adds a count: WindowEvents).
+SEMANTICS_OVERFLOW_ITERATIONS = 100_000
+#: Fixed counter indices the semantics probe tries beyond the enumerated ones reach at least this (KVM selftests
+#: pmu_counters_test.c guest_test_fixed_counters() walks 0..MAX_NR_FIXED_COUNTERS-1 = 0..2; the mediated vPMU may
+#: give a fourth, fixed counter 3).
+SEMANTICS_FIXED_PROBE_LIMIT = 4
+#: CPUID iterations of the emulated-instruction window: each is a VM exit (~1-2 us under KVM), so 10,000 take ~20 ms.
+SEMANTICS_CPUID_ITERATIONS = 10_000
+#: Random conditional branches of the branch-miss window (~half mispredict: ~50,000 misses).
+SEMANTICS_RANDOM_ITERATIONS = 100_000
+#: Forced-emulation iterations: each is a #UD exit plus an emulation (~2-5 us), so 2,000 take ~10 ms.
+SEMANTICS_FEP_ITERATIONS = 2_000
+
+
+def force_emulation_prefix(host: dict[str, Any] | None) -> bool:
+    """Whether the host's kvm.force_emulation_prefix is on (doctor ``kvm.force_emulation_prefix``: "Y"/"N" on older
+    kernels, an integer bit mask since 6.7, where any non-zero value enables the prefix)."""
+    value = str(((host or {}).get("kvm") or {}).get("force_emulation_prefix") or "").strip()
+    return value not in ("", "0", "N", "n")
+
+
+def semantics_gp_events(view: GuestView) -> list[dict[str, Any]]:
+    """GP counter i's event in the all-counters window: the available architectural events in turn (kvm-unit-tests
+    x86/pmu.c check_counters_many() gives each counter the next available event, wrapping around when counters
+    outnumber events)."""
+    perfmon = view.caps.arch_perfmon
+    if perfmon is not None:
+        available = [(name, config) for name, config in ARCH_EVENTS.items() if perfmon.events.get(name)]
+        counters = perfmon.gp_counters
+    else:
+        assert view.caps.amd is not None, "semantics probe needs an enumerated PMU"
+        available = list(AMD_EVENTS.items())
+        counters = view.caps.amd.core_counters
+    if not available:
+        available = [("instructions", ARCH_EVENTS["instructions"])]
+    return [{"name": available[i % len(available)][0], "config": available[i % len(available)][1]}
+            for i in range(counters)]  # fmt: skip
+
+
+def semantics_absent_fixed(fixed_mask: int) -> list[int]:
+    """Fixed counter indices the guest does not have: every index below SEMANTICS_FIXED_PROBE_LIMIT missing from the
+    mask, and always the first index above the highest enumerated one."""
+    top = max(fixed_mask.bit_length() + 1, SEMANTICS_FIXED_PROBE_LIMIT)
+    return [j for j in range(top) if not (fixed_mask >> j) & 1]
+
+
+def semantics_params(view: GuestView, host: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The register layout and events the semantics probe programs (guest_tests/probes/semantics.c.j2); ``host``
+    facts say whether the forced-emulation loop may run."""
+    perfmon = view.caps.arch_perfmon
+    common = {"iterations": ITERATIONS, "overflow_iterations": SEMANTICS_OVERFLOW_ITERATIONS,
+              "gp_events": semantics_gp_events(view), "cpuid_iterations": SEMANTICS_CPUID_ITERATIONS,
+              "cpuid_loop": asdict(CPUID_LOOP),
+              "random_iterations": SEMANTICS_RANDOM_ITERATIONS, "fep_iterations": SEMANTICS_FEP_ITERATIONS,
+              "fep": force_emulation_prefix(host)}  # fmt: skip
+    if perfmon is not None:
+        perf_caps = view.perf_capabilities() or {}
+        fixed_count = perfmon.fixed_counter_mask.bit_length()
+        return {**common, "vendor": "intel", "counters": perfmon.gp_counters, "width": perfmon.gp_width,
+                "fixed_mask": perfmon.fixed_counter_mask, "fixed_count": fixed_count,
+                "fixed_width": perfmon.fixed_width, "version": perfmon.version,
+                "full_width": bool(perf_caps.get("full_width_write")),
+                "fixed_events": [FIXED_EVENTS[j] if j < len(FIXED_EVENTS) else f"fixed{j}" for j in range(fixed_count)],
+                "absent_fixed": semantics_absent_fixed(perfmon.fixed_counter_mask)}  # fmt: skip
+    amd = view.caps.amd
+    assert amd is not None, "semantics probe needs an enumerated PMU"
+    return {**common, "vendor": "amd", "counters": amd.core_counters, "width": 48, "core_ext": amd.perfctr_core,
+            "perfmon_v2": amd.perfmon_v2}  # fmt: skip

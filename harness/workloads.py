@@ -59,3 +59,87 @@ class LoopWorkload:
 
 
 LOOP = LoopWorkload()
+
+
+@dataclass(frozen=True)
+class CpuidLoopWorkload:
+    """``vpmu_cpuid_loop(n)`` (guest_tests/probes/semantics.c.j2): per iteration ``xor eax``, ``xor ecx``, ``cpuid``,
+    ``dec``, ``jnz``. CPUID always exits to the hypervisor, which skips it and must count it as retired (KVM
+    kvm_skip_emulated_instruction() -> kvm_pmu_instruction_retired()): the loop's count must survive N VM exits."""
+
+    insns_per_iter: int = 5
+    branches_per_iter: int = 1  # jnz
+    #: push rbx, mov, test, jz, pop rbx, ret (CPUID clobbers rbx, which the C caller keeps).
+    fixed_insns: int = 6
+    fixed_branches: int = 2  # jz and ret (the architectural branch event counts returns)
+
+    def instructions(self, iterations: int) -> int:
+        return iterations * self.insns_per_iter + self.fixed_insns
+
+    def conditional_branches(self, iterations: int) -> int:
+        """jz once, jnz per iteration: callgrind's ``Bc``."""
+        return iterations * self.branches_per_iter + 1
+
+    def delta_instructions(self, iterations: int) -> int:
+        return iterations * self.insns_per_iter
+
+    def delta_branches(self, iterations: int) -> int:
+        return iterations * self.branches_per_iter
+
+
+CPUID_LOOP = CpuidLoopWorkload()
+
+
+@dataclass(frozen=True)
+class RandomBranchWorkload:
+    """``vpmu_random_branches(n, bits)`` (guest_tests/probes/semantics.c.j2): per iteration one byte loaded, ``inc``,
+    ``test $1``, ``jz`` on that bit (taken for even bytes, else one ``nop`` more), ``dec``, ``jnz``. The bits come from
+    a fixed-seed xorshift64 generator the probe runs before the window, so the ``jz`` follows no pattern a predictor
+    could learn: about half of them mispredict."""
+
+    insns_per_iter: int = 6  # movzbl, inc, test, jz, dec, jnz; + 1 nop per odd byte
+    branches_per_iter: int = 2  # jz, jnz (both conditional)
+    fixed_insns: int = 4  # mov, test, jz, ret
+    fixed_branches: int = 2  # jz, ret
+
+    def instructions(self, iterations: int, odd: int) -> int:
+        """``odd``: how many of the ``iterations`` bytes have bit 0 set (one ``nop`` each)."""
+        return iterations * self.insns_per_iter + odd + self.fixed_insns
+
+    def conditional_branches(self, iterations: int) -> int:
+        return iterations * self.branches_per_iter + 1
+
+    def delta_branches(self, iterations: int) -> int:
+        return iterations * self.branches_per_iter
+
+
+RANDOM_BRANCHES = RandomBranchWorkload()
+
+
+@dataclass(frozen=True)
+class FepLoopWorkload:
+    """``vpmu_fep_loop(n)`` (guest_tests/probes/semantics.c.j2): per iteration ``dec`` and a ``jnz`` behind KVM's
+    forced-emulation prefix (``ud2; .ascii "kvm"``, arch/x86/kvm/x86.c handle_ud()). The ud2 faults, so it never
+    retires; KVM skips the 5 prefix bytes, emulates the jnz and counts it as one instruction and one branch
+    (x86_emulate_instruction() -> kvm_pmu_instruction_retired(), kvm_pmu_branch_retired()). ``vpmu_fep_twin`` is the
+    same loop without the prefix: callgrind checks its counts, and a byte test checks the two differ by the prefix."""
+
+    insns_per_iter: int = 2  # dec, jnz
+    branches_per_iter: int = 1  # jnz (emulated)
+    fixed_insns: int = 4  # mov, test, jz, ret
+    prefix: bytes = bytes((0x0F, 0x0B, 0x6B, 0x76, 0x6D))  # ud2; "kvm"
+
+    def instructions(self, iterations: int) -> int:
+        return iterations * self.insns_per_iter + self.fixed_insns
+
+    def conditional_branches(self, iterations: int) -> int:
+        return iterations * self.branches_per_iter + 1
+
+    def delta_instructions(self, iterations: int) -> int:
+        return iterations * self.insns_per_iter
+
+    def delta_branches(self, iterations: int) -> int:
+        return iterations * self.branches_per_iter
+
+
+FEP_LOOP = FepLoopWorkload()

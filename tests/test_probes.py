@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
@@ -132,6 +133,9 @@ def test_every_probe_compiles_without_warnings(tmp_path):
     from tests.test_verdicts import amd_kvm_guest_view, intel_kvm_guest_view
 
     intel, amd = intel_kvm_guest_view(), amd_kvm_guest_view()
+    # A pre-Zen AMD guest: the four K7 counters only, no global MSRs (the semantics probe's other variant).
+    amd_k7 = replace(amd, caps=replace(amd.caps, amd=replace(amd.caps.amd, perfctr_core=False, perfmon_v2=False,
+                                                             core_counters=4)))  # fmt: skip
     cases = {
         "enum": {"msrs": [0x345, 0xC1]},
         "counters": pp.counters_params(intel),
@@ -140,10 +144,17 @@ def test_every_probe_compiles_without_warnings(tmp_path):
         "lbr": pp.lbr_params(),
         "pebs": pp.pebs_params(3),
         "ibs": pp.ibs_params({"ibs_op/type": "11", "ibs_fetch/type": "10"}),
+        "semantics": pp.semantics_params(intel),
     }
     builder = ProbeBuilder(cache_dir=tmp_path / "cache")
     assert {p.name.removesuffix(".c.j2") for p in PROBES_DIR.glob("*.c.j2")} == set(cases)
-    for name, params in [*cases.items(), ("counters", pp.counters_params(amd)), ("msr", pp.msr_params(amd))]:
+    for name, params in [
+        *cases.items(),
+        ("counters", pp.counters_params(amd)),
+        ("msr", pp.msr_params(amd)),
+        ("semantics", pp.semantics_params(amd)),
+        ("semantics", pp.semantics_params(amd_k7)),
+    ]:
         source = tmp_path / f"{name}.c"
         source.write_text(builder.render(name, params))
         done = subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror",

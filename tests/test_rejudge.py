@@ -33,7 +33,7 @@ from tests.test_verdicts import count, gp_group, kvm_guest_table
 INSNS = LOOP.delta_instructions(1_000_000)
 SPR = "GenuineIntel00806F8_SapphireRapids_05_CPUID.txt"
 GENOA = "AuthenticAMD0A10F11_K19_Genoa_01_CPUID.txt"
-PROBES = ("counters", "msr", "lbr", "pebs", "topdown", "ibs")
+PROBES = ("counters", "msr", "semantics", "lbr", "pebs", "topdown", "ibs")
 
 
 def enum_records(dump: str, pmu: bool = True) -> list[dict]:
