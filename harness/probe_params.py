@@ -162,3 +162,21 @@ def ibs_params(sysfs: dict[str, str]) -> dict[str, Any]:
     return {"iterations": ITERATIONS, "max_samples": 200, "period": IBS_PERIOD,
             "op_type": int(sysfs["ibs_op/type"]), "op_config": op_config,
             "fetch_type": int(sysfs["ibs_fetch/type"])}  # fmt: skip
+
+
+#: Life-cycle checks (harness/lifecycle.py): the counting region across a live migration should last this long
+#: (seconds) so that the switch-over happens inside it: a 512 MiB guest migrates in about 0.7 s here and the
+#: destination answers SSH 0.3 s later.
+SPAN_TARGET_S = 5.0
+MAX_SPAN_REPEATS = 100_000
+
+
+def lifecycle_params(view: GuestView, mode: str, repeats: int = 1) -> dict[str, Any]:
+    """The msr probe in a life-cycle mode: ``state`` (read every PMU MSR), ``program`` (program the counters and
+    leave them counting) or ``continue`` (count ``repeats`` x N loop iterations on the running counters)."""
+    return {**msr_params(view), "mode": mode, "repeats": repeats}
+
+
+def span_repeats(loop_ns: int) -> int:
+    """How many loops of N iterations last SPAN_TARGET_S, from the time one took (the program step measures it)."""
+    return max(1, min(MAX_SPAN_REPEATS, int(SPAN_TARGET_S * 1e9 / max(1, loop_ns)) + 1))

@@ -1,0 +1,320 @@
+"""Verdicts on the guest's PMU across its life cycle: after a reset, after a save/restore, across a live migration.
+
+The inputs are the records harness/lifecycle.py stores per check (``probe``/``kind`` like every probe record):
+``step`` (the mechanics: boot ids, times, QMP's account), ``enumeration`` (``stage`` boot / after), ``stale_lines``
+(the guest kernel's complaints after a reset), ``refused`` (QEMU refused to migrate), ``switchover`` (the guest's
+clock when the destination first answered), and the msr probe's life-cycle records with a ``stage``: ``boot`` (every
+PMU MSR right after the cold boot), ``saved`` (programmed and counting, before the step), ``after`` (after a reset),
+``restored`` (after a restore or a migration: ``point`` before / after the exact region) and the region's
+``enabled`` record.
+
+The mechanics are judged on every accelerator (a reset must change the boot id, a restore or a migration must keep
+it, and the enumeration must not change); the MSR values only where a vPMU is expected.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harness.expectations import Expectation
+from harness.guest_view import GuestView
+from harness.verdicts import (
+    NO_ERRATA,
+    OvercountErrata,
+    Record,
+    Verdict,
+    errored,
+    exact_global_ctrl,
+    failed,
+    first_record,
+    gate,
+    passed,
+    skipped,
+)
+
+#: EVTSEL.EN (SDM Vol. 3B "IA32_PERFEVTSELx MSRs", bit 22; AMD APM Vol. 2 PerfEvtSel bit 22).
+EVTSEL_EN = 1 << 22
+#: MSRs that control counting: restored exactly (QEMU target/i386/machine.c vmstate_msr_architectural_pmu carries
+#: msr_gp_evtsel[], msr_fixed_ctr_ctrl, msr_global_ctrl; kvm.c kvm_get_msrs()/kvm_put_msrs() move them).
+CONTROLS = ("evtsel", "fixed_ctr_ctrl", "global_ctrl")
+#: Counters: they keep counting while the guest runs, so after the step they are >= what was read before it.
+COUNTERS = ("counter", "fixed_counter")
+#: Reset values that hold whatever the guest kernel does at boot: no Linux x86 PMU driver writes an event select or
+#: FIXED_CTR_CTRL before perf schedules an event (arch/x86/events/core.c check_hw_exists() only reads them, and
+#: writes one counter), and the image boots with nmi_watchdog=0, so the guest reads what the reset left.
+#: SDM Vol. 3B: IA32_PERFEVTSELx and IA32_FIXED_CTR_CTRL are 0 after RESET; AMD APM Vol. 2 PerfEvtSeln likewise.
+#: KVM: kvm_pmu_reset() (arch/x86/kvm/pmu.c) zeroes eventsel and fixed_ctr_ctrl; QEMU: x86_cpu_reset_hold() clears
+#: env up to end_reset_fields and kvm_put_msrs(KVM_PUT_RESET_STATE) writes those zeros (Intel always; AMD only
+#: with the 2025 series "target/i386/kvm: reset AMD PMU registers during VM reset").
+ZERO_AT_RESET = ("evtsel", "fixed_ctr_ctrl")
+#: -cpu properties whose vPMU state QEMU documents as not (fully) migratable. migratable=no passes host-only
+#: features through (target/i386/cpu.c x86_cpu_get_supported_feature_word(..., migratable_only=false)); one of them,
+#: invtsc, makes kvm_arch_init_vcpu() (target/i386/kvm/kvm.c) add the migration blocker "State blocked by
+#: non-migratable CPU device (invtsc flag)" unless tsc-frequency is set. lbr-fmt pins the LBR format, and a
+#: destination whose host format differs refuses to start (target/i386/cpu.c x86_cpu_realizefn(): "vPMU: the
+#: lbr-fmt value ... does not match the host value").
+UNMIGRATABLE_PROPS = ("migratable", "lbr-fmt")
+
+
+def _label(name: str, index: int) -> str:
+    return name if name in ("fixed_ctr_ctrl", "global_ctrl", "global_status") else f"{name}{index}"
+
+
+def state(records: list[Record], stage: str, point: str | None = None) -> dict[str, int | str]:
+    """The MSRs read at ``stage`` (and ``point``) as {label: value, or "errno N"}."""
+    found: dict[str, int | str] = {}
+    for r in records:
+        if r.get("kind") != "state" or r.get("stage") != stage or (point is not None and r.get("point") != point):
+            continue
+        label = _label(r["name"], int(r.get("index", 0)))
+        found[label] = r["value"] if "value" in r else f"errno {r.get('errno')}"
+    return found
+
+
+def _kind(label: str) -> str:
+    return label.rstrip("0123456789")
+
+
+def _hex(value: int | str | None) -> str:
+    return f"{value:#x}" if isinstance(value, int) else str(value)
+
+
+def side_by_side(records: list[Record], before: tuple[str, str | None], after: tuple[str, str | None]) -> list[dict]:
+    """Rows {msr, before, after, changed} of the MSRs of two stages, for the report."""
+    first, second = state(records, *before), state(records, *after)
+    rows = []
+    for label in list(dict.fromkeys([*first, *second])):
+        a, b = first.get(label), second.get(label)
+        rows.append({"msr": label, "before": _hex(a), "after": _hex(b), "changed": a != b})
+    return rows
+
+
+def mechanics(records: list[Record], same_boot: bool) -> tuple[list[str], str, Record | None]:
+    """Problems of the step itself (boot id, QMP's account) and a one-line summary of what it did."""
+    step = first_record(records, "step")
+    if step is None:
+        return ["no record of the step"], "", None
+    problems = []
+    kept = step["boot_id_before"] == step["boot_id_after"]
+    if same_boot and not kept:
+        problems.append(f"the guest rebooted: boot id {step['boot_id_before']} became {step['boot_id_after']} "
+                        f"(the same guest must continue)")  # fmt: skip
+    if not same_boot and kept:
+        problems.append(f"boot id {step['boot_id_before']} unchanged: the guest did not reboot")
+    event = step.get("reset_event")
+    if event is not None:
+        # qapi/run-state.json RESET: "guest": true if the reset was triggered by a guest request.
+        wanted = step["step"] == "guest_reboot"
+        if bool(event.get("guest")) != wanted:
+            problems.append(f"QMP RESET event says guest={event.get('guest')} ({event.get('reason')}), expected "
+                            f"guest={wanted}")  # fmt: skip
+    times = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.2f} s" for k, v in step.items()
+                      if k.endswith("_s") and isinstance(v, (int, float)))  # fmt: skip
+    if step.get("downtime_ms") is not None:
+        times += f", downtime {step['downtime_ms']} ms"
+    summary = f"boot id {'kept' if kept else 'new'}, {times}"
+    return problems, summary, step
+
+
+def enumeration_changes(records: list[Record], stage: str = "after") -> list[str]:
+    """What differs between the enumeration at boot and at ``stage`` (CPUID decoded, PERF_CAPABILITIES, the kernel's
+    PMUs, its banner, PMU sysfs)."""
+    boot = first_record(records, "enumeration", stage="boot")
+    now = first_record(records, "enumeration", stage=stage)
+    if boot is None or now is None:
+        return ["no enumeration record"]
+    changes = []
+    for key in ("caps", "perf_capabilities", "kernel_pmus", "kernel_banner", "sysfs"):
+        if boot.get(key) != now.get(key):
+            if isinstance(boot.get(key), dict) and isinstance(now.get(key), dict):
+                keys = sorted(k for k in {*boot[key], *now[key]} if boot[key].get(k) != now[key].get(k))
+                changes.append(f"{key}: {', '.join(f'{k} {boot[key].get(k)!r} -> {now[key].get(k)!r}' for k in keys)}")
+            else:
+                changes.append(f"{key}: {boot.get(key)!r} -> {now.get(key)!r}")
+    return changes
+
+
+def _common(records: list[Record], same_boot: bool, what: str) -> tuple[Verdict | None, str]:
+    """The mechanics and the enumeration: a FAIL on any accelerator, else None and the summary."""
+    problems, summary, step = mechanics(records, same_boot)
+    if step is None:
+        return errored(f"{what}: no record of the step"), ""
+    changes = enumeration_changes(records)
+    if changes:
+        problems.append("PMU enumeration changed: " + "; ".join(changes))
+    stale = first_record(records, "stale_lines")
+    if stale is not None and stale.get("lines"):
+        # arch/x86/events/core.c check_hw_exists() / arch/x86/kernel/nmi.c unknown_nmi_error(): stale PMU state.
+        problems.append("guest kernel: " + " | ".join(stale["lines"][:3]))
+    if problems:
+        return failed(f"{what}: " + "; ".join(problems), "same guest state" if same_boot else "a fresh boot",
+                      summary), summary  # fmt: skip
+    return None, summary
+
+
+def _pmu_gate(expectation: Expectation, view: GuestView, summary: str, what: str) -> Verdict | None:
+    verdict = gate(expectation, view.cpuid_pmu, "enumerates no PMU")
+    if verdict is not None and verdict.status == "skip":
+        return skipped(f"{verdict.reason} (the {what} itself held: {summary}; enumeration unchanged)", None, summary)
+    return verdict
+
+
+def _programmed(records: list[Record]) -> str | None:
+    """Why the programmed state cannot show anything (no select has EN set), or None."""
+    saved = state(records, "saved")
+    if not saved:
+        return "no record of the programmed MSRs"
+    if not any(isinstance(v, int) and v & EVTSEL_EN for k, v in saved.items() if _kind(k) == "evtsel"):
+        return "no event select had EN set after programming: " + ", ".join(f"{k}={_hex(v)}" for k, v in saved.items())
+    return None
+
+
+def reset_verdict(expectation: Expectation, view: GuestView, records: list[Record]) -> Verdict:
+    """After a reset with counters programmed and counting: the mechanics (new boot id, QMP RESET event from the
+    right side), the same enumeration and no stale-PMU kernel lines; then every event select and FIXED_CTR_CTRL 0,
+    and every counter, GLOBAL_CTRL and GLOBAL_STATUS equal to what the cold boot left (same kernel, same boot path).
+
+    GLOBAL_CTRL is judged against the cold boot, not a constant: the SDM (Vol. 3B, "IA32_PERF_GLOBAL_CTRL") and KVM
+    (arch/x86/kvm/pmu.c kvm_pmu_refresh(): GENMASK(nr_gp - 1, 0), GP counters only, since 2024) set the GP enable
+    bits at RESET, while QEMU writes its cleared env->msr_global_ctrl (0) at every reset, cold boot included
+    (target/i386/kvm/kvm.c kvm_put_msrs(KVM_PUT_RESET_STATE)), and the guest kernel may write it before we read.
+    Counters likewise: check_hw_exists() XORs one counter with 0xffff at every boot.
+    """
+    common, summary = _common(records, same_boot=False, what="reset")
+    if common is not None:
+        return common
+    verdict = _pmu_gate(expectation, view, summary, "reset")
+    if verdict is not None:
+        return verdict
+    why = _programmed(records)
+    if why:
+        return errored(f"reset: {why}")
+    boot, after = state(records, "boot"), state(records, "after")
+    if not boot or not after:
+        return errored("reset: no MSR state from the cold boot or after the reset")
+    problems = []
+    for label, value in after.items():
+        kind = _kind(label)
+        if kind in ZERO_AT_RESET and value != 0:
+            problems.append(f"{label} = {_hex(value)} after the reset, its reset value is 0 (SDM Vol. 3B; KVM "
+                            f"kvm_pmu_reset(); QEMU kvm_put_msrs(KVM_PUT_RESET_STATE))")  # fmt: skip
+        elif kind not in ZERO_AT_RESET and value != boot.get(label):
+            problems.append(f"{label} = {_hex(value)} after the reset but {_hex(boot.get(label))} after the cold boot")
+    expected = "event selects and FIXED_CTR_CTRL 0; counters, GLOBAL_CTRL, GLOBAL_STATUS as after the cold boot"
+    observed = {"after": {k: _hex(v) for k, v in after.items()}, "mechanics": summary}
+    if problems:
+        return failed("stale PMU state after the reset: " + "; ".join(problems), expected, observed)
+    return passed(f"every PMU MSR holds its reset value ({summary})", expected, observed)
+
+
+def _continued(records: list[Record], point: str, what: str) -> tuple[list[str], dict[str, Any]]:
+    """Controls equal to the saved ones, counters >= them, GLOBAL_STATUS unchanged."""
+    saved, now = state(records, "saved"), state(records, "restored", point)
+    problems = []
+    if not now:
+        return [f"no MSR state after the {what}"], {}
+    for label, before in saved.items():
+        value = now.get(label)
+        kind = _kind(label)
+        if isinstance(before, str) or isinstance(value, str) or value is None:
+            if before != value:
+                problems.append(f"{label}: {before} before the {what}, {value} after")
+        elif kind in CONTROLS or kind == "global_status":
+            if value != before:
+                problems.append(f"{label} = {value:#x} after the {what}, {before:#x} before (not restored)")
+        elif kind in COUNTERS and value < before:
+            problems.append(f"{label} = {value:#x} after the {what} < {before:#x} before (lost counts or a truncated "
+                            f"value)")  # fmt: skip
+    return problems, {k: _hex(v) for k, v in now.items()}
+
+
+def _exact(expectation: Expectation, view: GuestView, records: list[Record], errata: OvercountErrata) -> Verdict:
+    region = [r for r in records if r.get("kind") == "enabled" and r.get("stage") == "restored"]
+    if not region:
+        return errored("no exact-count region after the step")
+    return exact_global_ctrl(expectation, view, region, errata)
+
+
+def save_restore_verdict(
+    expectation: Expectation, view: GuestView, records: list[Record], errata: OvercountErrata = NO_ERRATA
+) -> Verdict:
+    """After save -> new QEMU -> restore: the same boot id and enumeration; control MSRs equal their saved values,
+    counters >= them, and the restored counters count a new loop exactly (verdicts.exact_global_ctrl's rule).
+
+    Which MSRs a restore carries is QEMU's: target/i386/machine.c vmstate_msr_architectural_pmu (subsection sent
+    only when pmu_enable_needed() sees a non-zero PMU MSR) with the values kvm_get_msrs() read; AMD's only with the
+    2025 series, full-width counter values and PEBS/PERF_METRICS with the 2026 one. The counters may count between
+    the read before the step and the stop (the guest runs on), never backwards."""
+    common, summary = _common(records, same_boot=True, what="save/restore")
+    if common is not None:
+        return common
+    verdict = _pmu_gate(expectation, view, summary, "save/restore")
+    if verdict is not None:
+        return verdict
+    why = _programmed(records)
+    if why:
+        return errored(f"save/restore: {why}")
+    problems, observed = _continued(records, "before", "restore")
+    exact = _exact(expectation, view, records, errata)
+    return _combine(problems, exact, observed, summary, "save/restore")
+
+
+def _combine(problems: list[str], exact: Verdict, observed: dict, summary: str, what: str) -> Verdict:
+    expected = "control MSRs and GLOBAL_STATUS as saved, counters >= saved, a new loop counted exactly"
+    details = {"after": observed, "mechanics": summary, "region": exact.observed}
+    if exact.status == "fail":
+        problems.append(f"new loop: {exact.reason}")
+    if problems:
+        return failed(f"PMU state across the {what}: " + "; ".join(problems), expected, details)
+    if exact.status in ("skip", "error"):
+        return Verdict(exact.status, f"{what}: MSRs carried over; new loop: {exact.reason}", expected, details)
+    return passed(f"PMU state carried over the {what} and counts on exactly ({summary})", expected, details)
+
+
+def refused_verdict(cpu_props: dict[str, Any], reason: str) -> Verdict:
+    """QEMU refused to migrate: what QEMU documents for a -cpu with non-migratable vPMU state (PASS), otherwise a
+    refusal for reasons outside the vPMU (SKIP with QEMU's words: nothing to judge)."""
+    props = [p for p in UNMIGRATABLE_PROPS if p in cpu_props and not (p == "migratable" and cpu_props[p] is not False)]
+    if props:
+        return passed(f"QEMU refused to migrate a -cpu with {', '.join(props)}, as it documents: {reason}",
+                      "refused (migration blocker) or migrated with the state intact", reason)  # fmt: skip
+    return skipped(f"qemu: QEMU refused to migrate this guest for a reason outside the vPMU: {reason}")
+
+
+def migration_verdict(
+    expectation: Expectation,
+    view: GuestView,
+    records: list[Record],
+    cpu_props: dict[str, Any],
+    errata: OvercountErrata = NO_ERRATA,
+) -> Verdict:
+    """Live migration: refused as QEMU documents for a non-migratable -cpu, or the same boot id and enumeration on
+    the destination, a guest process started before the switch-over finished after it, control MSRs equal to those
+    programmed before it, counters >= them, and a loop counted across the switch-over exactly (no lost or doubled
+    counts)."""
+    refused = first_record(records, "refused")
+    if refused is not None:
+        return refused_verdict(cpu_props, refused["reason"])
+    common, summary = _common(records, same_boot=True, what="migration")
+    if common is not None:
+        return common
+    step = first_record(records, "step") or {}
+    job = step.get("during") or {}
+    if job and not job.get("finished"):
+        return failed(f"migration: a guest process started before the switch-over did not finish on the destination "
+                      f"({job})", "it finishes", job)  # fmt: skip
+    verdict = _pmu_gate(expectation, view, summary, "migration")
+    if verdict is not None:
+        return verdict
+    why = _programmed(records)
+    if why:
+        return errored(f"migration: {why}")
+    region = first_record(records, "enabled", stage="restored")
+    switch = first_record(records, "switchover")
+    if region is not None and switch is not None and region["region_end_ns"] <= switch["guest_boottime_ns"]:
+        return skipped(f"measurement: the counting region ended (guest clock {region['region_end_ns'] / 1e9:.2f} s) "
+                       f"before the destination answered ({switch['guest_boottime_ns'] / 1e9:.2f} s), so it did not "
+                       f"span the switch-over; the MSRs carried over ({summary})")  # fmt: skip
+    problems, observed = _continued(records, "after", "migration")
+    exact = _exact(expectation, view, records, errata)
+    return _combine(problems, exact, observed, summary, "migration")
