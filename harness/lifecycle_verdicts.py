@@ -318,3 +318,33 @@ def migration_verdict(
     problems, observed = _continued(records, "after", "migration")
     exact = _exact(expectation, view, records, errata)
     return _combine(problems, exact, observed, summary, "migration")
+
+
+#: Per life-cycle check, the MSR readings the report shows side by side: (column title, stage, point).
+REPORT_COLUMNS: dict[str, tuple[tuple[str, str, str | None], ...]] = {
+    "lifecycle.reset": (("cold boot", "boot", None), ("before (programmed)", "saved", None),
+                        ("after reset", "after", None)),
+    "lifecycle.guest_reboot": (("cold boot", "boot", None), ("before (programmed)", "saved", None),
+                               ("after reboot", "after", None)),
+    "lifecycle.save_restore": (("before (saved)", "saved", None), ("after restore", "restored", "before"),
+                               ("after a new loop", "restored", "after")),
+    "lifecycle.migration": (("before (programmed)", "saved", None), ("source, region start", "restored", "before"),
+                            ("destination, region end", "restored", "after")),
+}  # fmt: skip
+
+
+def report_table(check_id: str, records: list[Record]) -> dict[str, Any] | None:
+    """The MSR values of a life-cycle check side by side (matrix.html): ``columns``, ``rows`` of [msr, values...]
+    and, per row, whether the last value differs from the one before it; the step's own numbers as ``step``."""
+    columns = REPORT_COLUMNS.get(check_id)
+    if columns is None:
+        return None
+    readings = [state(records, stage, point) for _title, stage, point in columns]
+    labels = list(dict.fromkeys(label for reading in readings for label in reading))
+    rows = []
+    for label in labels:
+        values = [_hex(reading.get(label)) if label in reading else "" for reading in readings]
+        rows.append({"msr": label, "values": values, "changed": values[-1] != values[-2]})
+    step = first_record(records, "step") or {}
+    numbers = {k: v for k, v in step.items() if k not in ("probe", "kind", "during") and v is not None}
+    return {"columns": [title for title, _s, _p in columns], "rows": rows, "step": numbers}

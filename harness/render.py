@@ -13,7 +13,7 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
-from harness import outputs, svg
+from harness import lifecycle_verdicts, outputs, svg
 from harness.expectations import host_offer_notes
 from harness.kvm_offer import describe as describe_offer
 from harness.matrix import SYMBOLS, Matrix
@@ -60,7 +60,21 @@ def html(matrix: Matrix) -> str:
     return _environment().get_template("matrix.html.j2").render(
         total=sum(counts.values()), counts=counts, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         hosts=hosts, columns=columns, groups=groups, feature_tables=tables, mux=_mux_sections(matrix),
+        lifecycle=_lifecycle_sections(matrix),
     )  # fmt: skip
+
+
+def _lifecycle_sections(matrix: Matrix) -> list[dict[str, Any]]:
+    """Per run and life-cycle check: the PMU MSRs before and after the step side by side, and the step's numbers."""
+    sections = []
+    for column, run in matrix.runs:
+        for check in run.get("checks", []):
+            table = lifecycle_verdicts.report_table(check.get("id", ""), check.get("measurements") or [])
+            if table is None:
+                continue
+            sections.append({"column": column.label(matrix.multi_host), "id": check["id"], "status": check["status"],
+                             "reason": check.get("reason") or "", **table})  # fmt: skip
+    return sections
 
 
 def _mux_sections(matrix: Matrix) -> list[dict[str, Any]]:
