@@ -159,7 +159,7 @@ def _pmu_gate(expectation: Expectation, view: GuestView, summary: str, what: str
     return verdict
 
 
-def _programmed(records: list[Record]) -> str | None:
+def programmed_problem(records: list[Record]) -> str | None:
     """Why the programmed state cannot show anything (no select has EN set), or None."""
     saved = state(records, "saved")
     if not saved:
@@ -180,15 +180,17 @@ def reset_verdict(expectation: Expectation, view: GuestView, records: list[Recor
     (target/i386/kvm/kvm.c kvm_put_msrs(KVM_PUT_RESET_STATE)), and the guest kernel may write it before we read.
     Counters likewise: check_hw_exists() XORs one counter with 0xffff at every boot.
     """
-    common, summary = _common(records, same_boot=False, what="reset")
+    step = first_record(records, "step") or {}
+    what = "guest reboot" if step.get("step") == "guest_reboot" else "reset"
+    common, summary = _common(records, same_boot=False, what=what)
     if common is not None:
         return common
-    verdict = _pmu_gate(expectation, view, summary, "reset")
+    verdict = _pmu_gate(expectation, view, summary, what)
     if verdict is not None:
         return verdict
-    why = _programmed(records)
+    why = programmed_problem(records)
     if why:
-        return errored(f"reset: {why}")
+        return errored(f"{what}: {why}")
     boot, after = state(records, "boot"), state(records, "after")
     if not boot or not after:
         return errored("reset: no MSR state from the cold boot or after the reset")
@@ -196,14 +198,14 @@ def reset_verdict(expectation: Expectation, view: GuestView, records: list[Recor
     for label, value in after.items():
         kind = _kind(label)
         if kind in ZERO_AT_RESET and value != 0:
-            problems.append(f"{label} = {_hex(value)} after the reset, its reset value is 0 (SDM Vol. 3B; KVM "
+            problems.append(f"{label} = {_hex(value)} after the {what}, its reset value is 0 (SDM Vol. 3B; KVM "
                             f"kvm_pmu_reset(); QEMU kvm_put_msrs(KVM_PUT_RESET_STATE))")  # fmt: skip
         elif kind not in ZERO_AT_RESET and value != boot.get(label):
-            problems.append(f"{label} = {_hex(value)} after the reset but {_hex(boot.get(label))} after the cold boot")
+            problems.append(f"{label} = {_hex(value)} after the {what} but {_hex(boot.get(label))} after the cold boot")
     expected = "event selects and FIXED_CTR_CTRL 0; counters, GLOBAL_CTRL, GLOBAL_STATUS as after the cold boot"
     observed = {"after": {k: _hex(v) for k, v in after.items()}, "mechanics": summary}
     if problems:
-        return failed("stale PMU state after the reset: " + "; ".join(problems), expected, observed)
+        return failed(f"stale PMU state after the {what}: " + "; ".join(problems), expected, observed)
     return passed(f"every PMU MSR holds its reset value ({summary})", expected, observed)
 
 
@@ -251,7 +253,7 @@ def save_restore_verdict(
     verdict = _pmu_gate(expectation, view, summary, "save/restore")
     if verdict is not None:
         return verdict
-    why = _programmed(records)
+    why = programmed_problem(records)
     if why:
         return errored(f"save/restore: {why}")
     problems, observed = _continued(records, "before", "restore")
@@ -306,7 +308,7 @@ def migration_verdict(
     verdict = _pmu_gate(expectation, view, summary, "migration")
     if verdict is not None:
         return verdict
-    why = _programmed(records)
+    why = programmed_problem(records)
     if why:
         return errored(f"migration: {why}")
     region = first_record(records, "enabled", stage="restored")
