@@ -43,7 +43,8 @@ def test_save_restore(profile_run, check):
     """Save to a file, restore into a new QEMU: the same boot id and enumeration, control MSRs as saved, counters
     >= saved and counting a new loop exactly."""
     records = profile_run.measure("lifecycle.save_restore", lambda: lifecycle.measure_save_restore(profile_run))
-    verdict = lv.save_restore_verdict(profile_run.pmu_expectation(), profile_run.view, records, _errata(profile_run))
+    verdict = lv.save_restore_verdict(profile_run.pmu_expectation(), profile_run.view, records, _errata(profile_run),
+                                      profile_run.cpu.props)  # fmt: skip
     check.judge(verdict, records)
 
 

@@ -57,10 +57,11 @@ STALE_PMU_LINES = ("Broken BIOS detected", "the BIOS has corrupted hw-PMU resour
 
 
 class MigrationRefused(LifecycleError):
-    """QEMU refused to start the migration (QMP ``migrate`` answered an error, e.g. a migration blocker)."""
+    """QEMU refused to start a migration or a save (QMP ``migrate`` answered an error, e.g. a migration blocker such
+    as "State blocked by non-migratable CPU device (invtsc flag)")."""
 
-    def __init__(self, reason: str, source_tail: str, destination_tail: str | None) -> None:
-        super().__init__("migration", f"QEMU refused to migrate: {reason}", source_tail, destination_tail)
+    def __init__(self, step: str, reason: str, source_tail: str, destination_tail: str | None) -> None:
+        super().__init__(step, f"QEMU refused to migrate: {reason}", source_tail, destination_tail)
         self.refusal = reason
 
 
@@ -234,7 +235,10 @@ def save_restore(run: Any, timeout_s: float = STEP_TIMEOUT_S) -> dict[str, Any]:
         source.qmp("migrate-set-capabilities", capabilities=EVENTS_CAPABILITY)
         source.qmp("stop")
         start = time.monotonic()
-        source.qmp("migrate", uri=f"exec:cat > {state}")
+        try:
+            source.qmp("migrate", uri=f"exec:cat > {state}")
+        except ExecuteError as exc:  # a migration blocker also blocks a save
+            raise MigrationRefused(step, str(exc), *_tails(source, None)) from exc
         phase("save", machine=source)
         status = _await_migration(source, timeout_s)
         if status != "completed":
@@ -323,7 +327,7 @@ def migrate(
         try:
             source.qmp("migrate", uri=f"unix:{sock}")
         except ExecuteError as exc:  # a migration blocker (QEMU's words name it) or a bad state
-            raise MigrationRefused(str(exc), *_tails(source, destination)) from exc
+            raise MigrationRefused("migration", str(exc), *_tails(source, destination)) from exc
         phase("migration", machine=destination)
         phase("migration_source", machine=source)
         try:
@@ -426,7 +430,11 @@ def measure_save_restore(run: Any) -> list[dict[str, Any]]:
     records = [_enumeration_record("boot", boot_enumeration(run))]
     if _has_pmu(run):
         records += _msr(run, "program", "saved")
-    records.append({"probe": "lifecycle", "kind": "step", **save_restore(run)})
+    try:
+        records.append({"probe": "lifecycle", "kind": "step", **save_restore(run)})
+    except MigrationRefused as exc:
+        records.append({"probe": "lifecycle", "kind": "refused", "reason": exc.refusal})
+        return records
     if _has_pmu(run):
         records += _msr(run, "continue", "restored")
     records.append(_enumeration_record("after", enumeration(run, run.runner)))

@@ -238,7 +238,11 @@ def _exact(expectation: Expectation, view: GuestView, records: list[Record], err
 
 
 def save_restore_verdict(
-    expectation: Expectation, view: GuestView, records: list[Record], errata: OvercountErrata = NO_ERRATA
+    expectation: Expectation,
+    view: GuestView,
+    records: list[Record],
+    errata: OvercountErrata = NO_ERRATA,
+    cpu_props: dict[str, Any] | None = None,
 ) -> Verdict:
     """After save -> new QEMU -> restore: the same boot id and enumeration; control MSRs equal their saved values,
     counters >= them, and the restored counters count a new loop exactly (verdicts.exact_global_ctrl's rule).
@@ -247,6 +251,9 @@ def save_restore_verdict(
     only when pmu_enable_needed() sees a non-zero PMU MSR) with the values kvm_get_msrs() read; AMD's only with the
     2025 series, full-width counter values and PEBS/PERF_METRICS with the 2026 one. The counters may count between
     the read before the step and the stop (the guest runs on), never backwards."""
+    refused = first_record(records, "refused")
+    if refused is not None:  # a migration blocker blocks a save to a file too (migration/migration.c)
+        return refused_verdict(cpu_props or {}, refused["reason"])
     common, summary = _common(records, same_boot=True, what="save/restore")
     if common is not None:
         return common

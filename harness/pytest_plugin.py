@@ -295,8 +295,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             # pytest's one-line "ERROR: ..." and exit 4 (harness run maps that to 2).
             state.usage_error = state.usage_error or str(exc)
             names = []
-        if argname == "vpmu_load" and metafunc.definition.get_closest_marker("lifecycle") is not None:
-            names = [name for name in names if name == IDLE]  # a life-cycle step under a host load: not yet
         # indirect: one real session fixture shared by every module, so pytest groups all checks of a profile
         # (a direct session-scoped parametrization makes a pseudo-fixture per module and reboots per module).
         metafunc.parametrize(argname, names, scope="session", indirect=True)
@@ -317,6 +315,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return p, 1 if item.get_closest_marker("lifecycle") is not None else 0, q
 
     items.sort(key=rank)
+    # A life-cycle step runs under the idle load only (not at all when --load leaves idle out).
+    off_idle = [item for item in items if item.get_closest_marker("lifecycle") is not None
+                and getattr(getattr(item, "callspec", None), "params", {}).get("vpmu_load", IDLE) != IDLE]  # fmt: skip
+    if off_idle:
+        config.hook.pytest_deselected(items=off_idle)
+        items[:] = [item for item in items if item not in off_idle]
     if config.getoption("vpmu_plan") is not None and not state.usage_error:
         _write_plan(config, items)
         config.hook.pytest_deselected(items=list(items))

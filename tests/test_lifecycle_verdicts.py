@@ -261,6 +261,8 @@ def test_refused_migration():
     assert v.status == "pass"
     v = lv.migration_verdict(EXPECTED, intel_kvm_guest_view(), records, {"pmu": True})
     assert v.status == "skip" and v.reason.startswith("qemu: QEMU refused to migrate this guest")
+    v = lv.save_restore_verdict(EXPECTED, intel_kvm_guest_view(), records, cpu_props={"migratable": False})
+    assert v.status == "pass" and "invtsc" in v.reason  # the blocker blocks a save to a file too
 
 
 def test_side_by_side_rows():
