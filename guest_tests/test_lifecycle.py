@@ -2,10 +2,11 @@
 restore into a new QEMU, and a live migration to a second QEMU (mechanics: harness/lifecycle.py; verdicts:
 harness/lifecycle_verdicts.py).
 
-These checks change the guest (it reboots, or moves to a new QEMU), so they run last in each profile's idle group
-(``lifecycle`` marker, harness/pytest_plugin.py), each on the guest the previous one left. The mechanics and the
-enumeration are judged on every accelerator; the MSR values only where a vPMU is expected (under TCG they SKIP with
-the reason, saying what the step itself did).
+These checks change the guest (it reboots, or moves to a new QEMU), so they run last in each profile, under the idle
+load only (``lifecycle`` marker, harness/pytest_plugin.py), each step on the guest the previous one left. Per step,
+``lifecycle.<step>`` judges the step itself on every accelerator (boot id, QMP's account, enumeration) and
+``lifecycle.<step>.pmu`` the PMU MSRs around it where a vPMU is expected; both read one measurement
+(ProfileRun.measure), made by whichever of the two runs first.
 """
 
 from __future__ import annotations
@@ -17,42 +18,46 @@ from harness import lifecycle_verdicts as lv
 from harness.verdicts import overcount_errata
 
 pytestmark = [pytest.mark.feature("lifecycle"), pytest.mark.lifecycle]
+MEASURE = {
+    "reset": lambda run: lifecycle.measure_reset(run, "qmp"),
+    "guest_reboot": lambda run: lifecycle.measure_reset(run, "guest"),
+    "save_restore": lifecycle.measure_save_restore,
+    "migration": lifecycle.measure_migration,
+}
 
 
 def _errata(run):
     return overcount_errata(run.view.caps, (run.host.get("cpu") or {}).get("caps"))
 
 
-@pytest.mark.check("lifecycle.reset")
-def test_reset(profile_run, check):
-    """QMP system_reset with counters programmed: a new boot id, the same enumeration, no stale-PMU kernel lines,
-    event selects and FIXED_CTR_CTRL 0, counters and GLOBAL_CTRL as after the cold boot."""
-    records = profile_run.measure("lifecycle.reset", lambda: lifecycle.measure_reset(profile_run, "qmp"))
-    check.judge(lv.reset_verdict(profile_run.pmu_expectation(), profile_run.view, records), records)
+def _records(run, step: str) -> list[dict]:
+    return run.measure(f"lifecycle.{step}", lambda: MEASURE[step](run))
 
 
-@pytest.mark.check("lifecycle.guest_reboot")
-def test_guest_reboot(profile_run, check):
-    """The same after a reboot the guest asks for (reboot -f: QMP RESET with guest=true)."""
-    records = profile_run.measure("lifecycle.guest_reboot", lambda: lifecycle.measure_reset(profile_run, "guest"))
-    check.judge(lv.reset_verdict(profile_run.pmu_expectation(), profile_run.view, records), records)
+@pytest.mark.check("lifecycle.{step}")
+@pytest.mark.parametrize("step", list(MEASURE))
+def test_step(profile_run, check, step):
+    """The step itself: a reset gives a new boot id and a QMP RESET event from the side that asked (system_reset:
+    guest=false; reboot -f in the guest: guest=true); a save/restore or a live migration keeps the boot id and a
+    guest process running across the switch-over finishes; the PMU enumeration is unchanged; a refusal to migrate
+    a -cpu QEMU documents as unmigratable (migratable=no, lbr-fmt) is what QEMU documents."""
+    records = _records(profile_run, step)
+    check.judge(lv.mechanics_verdict(records, profile_run.cpu.props), records)
 
 
-@pytest.mark.check("lifecycle.save_restore")
-def test_save_restore(profile_run, check):
-    """Save to a file, restore into a new QEMU: the same boot id and enumeration, control MSRs as saved, counters
-    >= saved and counting a new loop exactly."""
-    records = profile_run.measure("lifecycle.save_restore", lambda: lifecycle.measure_save_restore(profile_run))
-    verdict = lv.save_restore_verdict(profile_run.pmu_expectation(), profile_run.view, records, _errata(profile_run),
-                                      profile_run.cpu.props)  # fmt: skip
-    check.judge(verdict, records)
-
-
-@pytest.mark.check("lifecycle.migration")
-def test_migration(profile_run, check):
-    """Live migration over a unix socket with a loop counting across the switch-over: counts exact, MSRs and
-    enumeration as before; a -cpu QEMU documents as unmigratable (migratable=no, lbr-fmt) may be refused instead."""
-    records = profile_run.measure("lifecycle.migration", lambda: lifecycle.measure_migration(profile_run))
-    verdict = lv.migration_verdict(profile_run.pmu_expectation(), profile_run.view, records, profile_run.cpu.props,
-                                   _errata(profile_run))  # fmt: skip
+@pytest.mark.expects("pmu")
+@pytest.mark.check("lifecycle.{step}.pmu")
+@pytest.mark.parametrize("step", list(MEASURE))
+def test_pmu_state(profile_run, check, step):
+    """The PMU MSRs around the step: after a reset, event selects and FIXED_CTR_CTRL 0, counters and GLOBAL_CTRL as
+    after the cold boot, no stale-PMU kernel lines; after a restore or a migration, control MSRs as before, counters
+    >= before and a loop counted exactly (across the switch-over, for a migration)."""
+    records = _records(profile_run, step)
+    expectation, view = profile_run.pmu_expectation(), profile_run.view
+    if step in ("reset", "guest_reboot"):
+        verdict = lv.reset_verdict(expectation, view, records)
+    elif step == "save_restore":
+        verdict = lv.save_restore_verdict(expectation, view, records, _errata(profile_run), profile_run.cpu.props)
+    else:
+        verdict = lv.migration_verdict(expectation, view, records, profile_run.cpu.props, _errata(profile_run))
     check.judge(verdict, records)

@@ -8,8 +8,10 @@ PMU MSR right after the cold boot), ``saved`` (programmed and counting, before t
 ``restored`` (after a restore or a migration: ``point`` before / after the exact region) and the region's
 ``enabled`` record.
 
-The mechanics are judged on every accelerator (a reset must change the boot id, a restore or a migration must keep
-it, and the enumeration must not change); the MSR values only where a vPMU is expected.
+Two checks per step: ``lifecycle.<step>`` judges the step itself on every accelerator (:func:`mechanics_verdict`: a
+reset must change the boot id, a restore or a migration must keep it, the enumeration must not change), and
+``lifecycle.<step>.pmu`` the PMU MSR values where a vPMU is expected (pre-gated like every PMU check, so ``plan``
+predicts its SKIP).
 """
 
 from __future__ import annotations
@@ -134,29 +136,40 @@ def enumeration_changes(records: list[Record], stage: str = "after") -> list[str
     return changes
 
 
-def _common(records: list[Record], same_boot: bool, what: str) -> tuple[Verdict | None, str]:
-    """The mechanics and the enumeration: a FAIL on any accelerator, else None and the summary."""
-    problems, summary, step = mechanics(records, same_boot)
+def mechanics_verdict(records: list[Record], cpu_props: dict[str, Any] | None = None) -> Verdict:
+    """The step itself, judged on every accelerator: a reset gives a new boot id and a QMP RESET event from the side
+    that asked, a restore or a migration keeps the boot id, the guest's PMU enumeration is unchanged, and a guest
+    process started before a live migration's switch-over finishes after it on the destination. A refusal to
+    migrate is judged by :func:`refused_verdict`."""
+    refused = first_record(records, "refused")
+    if refused is not None:
+        return refused_verdict(cpu_props or {}, refused["reason"])
+    step = first_record(records, "step")
     if step is None:
-        return errored(f"{what}: no record of the step"), ""
+        return errored("no record of the step")
+    same_boot = step["step"] not in ("reset", "guest_reboot")
+    what = STEP_WORDS.get(step["step"], step["step"])
+    problems, summary, _ = mechanics(records, same_boot)
     changes = enumeration_changes(records)
     if changes:
         problems.append("PMU enumeration changed: " + "; ".join(changes))
-    stale = first_record(records, "stale_lines")
-    if stale is not None and stale.get("lines"):
-        # arch/x86/events/core.c check_hw_exists() / arch/x86/kernel/nmi.c unknown_nmi_error(): stale PMU state.
-        problems.append("guest kernel: " + " | ".join(stale["lines"][:3]))
+    job = step.get("during") or {}
+    if job and not job.get("finished"):
+        problems.append(f"a guest process started before the switch-over did not finish on the destination ({job})")
+    expected = ("a new boot" if not same_boot else "the same guest") + ", the same PMU enumeration"
     if problems:
-        return failed(f"{what}: " + "; ".join(problems), "same guest state" if same_boot else "a fresh boot",
-                      summary), summary  # fmt: skip
-    return None, summary
+        return failed(f"{what}: " + "; ".join(problems), expected, summary)
+    return passed(f"the {what} held: {summary}; PMU enumeration unchanged", expected, summary)
 
 
-def _pmu_gate(expectation: Expectation, view: GuestView, summary: str, what: str) -> Verdict | None:
-    verdict = gate(expectation, view.cpuid_pmu, "enumerates no PMU")
-    if verdict is not None and verdict.status == "skip":
-        return skipped(f"{verdict.reason} (the {what} itself held: {summary}; enumeration unchanged)", None, summary)
-    return verdict
+#: How the reasons name each step.
+STEP_WORDS = {"reset": "reset", "guest_reboot": "guest reboot", "save_restore": "save/restore",
+              "migration": "migration"}  # fmt: skip
+
+
+def _summary(records: list[Record]) -> str:
+    step = first_record(records, "step") or {}
+    return mechanics(records, step.get("step") not in ("reset", "guest_reboot"))[1]
 
 
 def programmed_problem(records: list[Record]) -> str | None:
@@ -170,9 +183,9 @@ def programmed_problem(records: list[Record]) -> str | None:
 
 
 def reset_verdict(expectation: Expectation, view: GuestView, records: list[Record]) -> Verdict:
-    """After a reset with counters programmed and counting: the mechanics (new boot id, QMP RESET event from the
-    right side), the same enumeration and no stale-PMU kernel lines; then every event select and FIXED_CTR_CTRL 0,
-    and every counter, GLOBAL_CTRL and GLOBAL_STATUS equal to what the cold boot left (same kernel, same boot path).
+    """After a reset with counters programmed and counting: no stale-PMU lines in the guest kernel's log, every event
+    select and FIXED_CTR_CTRL 0, and every counter, GLOBAL_CTRL and GLOBAL_STATUS equal to what the cold boot left
+    (same kernel, same boot path).
 
     GLOBAL_CTRL is judged against the cold boot, not a constant: the SDM (Vol. 3B, "IA32_PERF_GLOBAL_CTRL") and KVM
     (arch/x86/kvm/pmu.c kvm_pmu_refresh(): GENMASK(nr_gp - 1, 0), GP counters only, since 2024) set the GP enable
@@ -181,13 +194,11 @@ def reset_verdict(expectation: Expectation, view: GuestView, records: list[Recor
     Counters likewise: check_hw_exists() XORs one counter with 0xffff at every boot.
     """
     step = first_record(records, "step") or {}
-    what = "guest reboot" if step.get("step") == "guest_reboot" else "reset"
-    common, summary = _common(records, same_boot=False, what=what)
-    if common is not None:
-        return common
-    verdict = _pmu_gate(expectation, view, summary, what)
+    what = STEP_WORDS.get(step.get("step", "reset"), "reset")
+    verdict = gate(expectation, view.cpuid_pmu, "enumerates no PMU")
     if verdict is not None:
         return verdict
+    summary = _summary(records)
     why = programmed_problem(records)
     if why:
         return errored(f"{what}: {why}")
@@ -195,6 +206,10 @@ def reset_verdict(expectation: Expectation, view: GuestView, records: list[Recor
     if not boot or not after:
         return errored("reset: no MSR state from the cold boot or after the reset")
     problems = []
+    stale = first_record(records, "stale_lines")
+    if stale is not None and stale.get("lines"):
+        # arch/x86/events/core.c check_hw_exists() / arch/x86/kernel/nmi.c unknown_nmi_error(): stale PMU state.
+        problems.append("guest kernel: " + " | ".join(stale["lines"][:3]))
     for label, value in after.items():
         kind = _kind(label)
         if kind in ZERO_AT_RESET and value != 0:
@@ -244,8 +259,8 @@ def save_restore_verdict(
     errata: OvercountErrata = NO_ERRATA,
     cpu_props: dict[str, Any] | None = None,
 ) -> Verdict:
-    """After save -> new QEMU -> restore: the same boot id and enumeration; control MSRs equal their saved values,
-    counters >= them, and the restored counters count a new loop exactly (verdicts.exact_global_ctrl's rule).
+    """After save -> new QEMU -> restore: control MSRs equal their saved values, counters >= them, and the restored
+    counters count a new loop exactly (verdicts.exact_global_ctrl's rule).
 
     Which MSRs a restore carries is QEMU's: target/i386/machine.c vmstate_msr_architectural_pmu (subsection sent
     only when pmu_enable_needed() sees a non-zero PMU MSR) with the values kvm_get_msrs() read; AMD's only with the
@@ -254,12 +269,10 @@ def save_restore_verdict(
     refused = first_record(records, "refused")
     if refused is not None:  # a migration blocker blocks a save to a file too (migration/migration.c)
         return refused_verdict(cpu_props or {}, refused["reason"])
-    common, summary = _common(records, same_boot=True, what="save/restore")
-    if common is not None:
-        return common
-    verdict = _pmu_gate(expectation, view, summary, "save/restore")
+    verdict = gate(expectation, view.cpuid_pmu, "enumerates no PMU")
     if verdict is not None:
         return verdict
+    summary = _summary(records)
     why = programmed_problem(records)
     if why:
         return errored(f"save/restore: {why}")
@@ -297,24 +310,16 @@ def migration_verdict(
     cpu_props: dict[str, Any],
     errata: OvercountErrata = NO_ERRATA,
 ) -> Verdict:
-    """Live migration: refused as QEMU documents for a non-migratable -cpu, or the same boot id and enumeration on
-    the destination, a guest process started before the switch-over finished after it, control MSRs equal to those
-    programmed before it, counters >= them, and a loop counted across the switch-over exactly (no lost or doubled
-    counts)."""
+    """Live migration: refused as QEMU documents for a non-migratable -cpu, or control MSRs on the destination equal
+    to those programmed before it, counters >= them, and a loop counted across the switch-over exactly (no lost or
+    doubled counts)."""
     refused = first_record(records, "refused")
     if refused is not None:
         return refused_verdict(cpu_props, refused["reason"])
-    common, summary = _common(records, same_boot=True, what="migration")
-    if common is not None:
-        return common
-    step = first_record(records, "step") or {}
-    job = step.get("during") or {}
-    if job and not job.get("finished"):
-        return failed(f"migration: a guest process started before the switch-over did not finish on the destination "
-                      f"({job})", "it finishes", job)  # fmt: skip
-    verdict = _pmu_gate(expectation, view, summary, "migration")
+    verdict = gate(expectation, view.cpuid_pmu, "enumerates no PMU")
     if verdict is not None:
         return verdict
+    summary = _summary(records)
     why = programmed_problem(records)
     if why:
         return errored(f"migration: {why}")
@@ -345,7 +350,7 @@ REPORT_COLUMNS: dict[str, tuple[tuple[str, str, str | None], ...]] = {
 def report_table(check_id: str, records: list[Record]) -> dict[str, Any] | None:
     """The MSR values of a life-cycle check side by side (matrix.html): ``columns``, ``rows`` of [msr, values...]
     and, per row, whether the last value differs from the one before it; the step's own numbers as ``step``."""
-    columns = REPORT_COLUMNS.get(check_id)
+    columns = REPORT_COLUMNS.get(check_id.removesuffix(".pmu"))
     if columns is None:
         return None
     readings = [state(records, stage, point) for _title, stage, point in columns]

@@ -325,6 +325,8 @@ class ProfileRun(RunExpectations):
             if entry["error"]:
                 raise GuestError(entry["error"])
             return list(entry["records"])
+        if self._guest is None and self.unavailable is None:
+            self.boot_again()  # the last load booted no guest (a before-boot load the mediated vPMU refused)
         self.ensure_alive()
         start = time.monotonic()
         try:

@@ -65,15 +65,21 @@ def html(matrix: Matrix) -> str:
 
 
 def _lifecycle_sections(matrix: Matrix) -> list[dict[str, Any]]:
-    """Per run and life-cycle check: the PMU MSRs before and after the step side by side, and the step's numbers."""
+    """Per run and life-cycle step: the PMU MSRs before and after it side by side, the step's numbers, and the verdicts
+    of the step (``lifecycle.<step>``) and of the PMU state (``lifecycle.<step>.pmu``)."""
     sections = []
     for column, run in matrix.runs:
-        for check in run.get("checks", []):
-            table = lifecycle_verdicts.report_table(check.get("id", ""), check.get("measurements") or [])
-            if table is None:
+        checks = {c.get("id"): c for c in run.get("checks", [])}
+        for check_id in lifecycle_verdicts.REPORT_COLUMNS:
+            step, pmu = checks.get(check_id), checks.get(f"{check_id}.pmu")
+            if step is None and pmu is None:
                 continue
-            sections.append({"column": column.label(matrix.multi_host), "id": check["id"], "status": check["status"],
-                             "reason": check.get("reason") or "", **table})  # fmt: skip
+            measured = next((c for c in (pmu, step) if c and c.get("measurements")), None)
+            table = lifecycle_verdicts.report_table(check_id, measured["measurements"] if measured else [])
+            verdicts = [
+                {"id": c["id"], "status": c["status"], "reason": c.get("reason") or ""} for c in (step, pmu) if c
+            ]
+            sections.append({"column": column.label(matrix.multi_host), "id": check_id, "verdicts": verdicts, **table})
     return sections
 
 

@@ -161,25 +161,30 @@ def test_unknown_nmi_after_reset_fails():
     assert v.status == "fail" and "NMI received for unknown reason" in v.reason
 
 
-def test_reset_mechanics_fail_on_any_accelerator():
-    records = reset_records("intel", cold_boot("intel"))
-    same = [step("reset", same=True) if r["kind"] == "step" else r for r in records]
-    assert "did not reboot" in lv.reset_verdict(ABSENT, intel_kvm_guest_view(), same).reason
-    wrong_side = [step("reset", same=False) | {"step": "guest_reboot"} if r["kind"] == "step" else r for r in records]
-    wrong_side[[r["kind"] for r in wrong_side].index("step")]["reset_event"] = {"guest": False}
-    assert "guest=False" in lv.reset_verdict(EXPECTED, intel_kvm_guest_view(), wrong_side).reason
-    lost = [enumeration("intel", "after", kernel_pmus=["msr", "software"]) if r.get("stage") == "after" and
-            r["kind"] == "enumeration" else r for r in records]  # fmt: skip
-    v = lv.reset_verdict(ABSENT, intel_kvm_guest_view(), lost)
-    assert v.status == "fail" and "PMU enumeration changed: kernel_pmus" in v.reason
-
-
-def test_without_a_vpmu_the_values_skip_and_the_mechanics_are_named():
+def test_step_mechanics_are_judged_without_a_pmu():
+    """lifecycle.<step>: the records of a TCG guest (no MSR state), as harness/lifecycle.py writes them."""
     records = [enumeration("intel", "boot"), step("reset", same=False), enumeration("intel", "after"),
                {"probe": "lifecycle", "kind": "stale_lines", "lines": []}]  # fmt: skip
+    v = lv.mechanics_verdict(records)
+    assert v.status == "pass" and v.reason.startswith("the reset held: boot id new, reset to console 6.60 s")
+    same = [step("reset", same=True) if r["kind"] == "step" else r for r in records]
+    assert "did not reboot" in lv.mechanics_verdict(same).reason
+    wrong_side = [step("reset", same=False) | {"step": "guest_reboot"} if r["kind"] == "step" else r for r in records]
+    wrong_side[[r["kind"] for r in wrong_side].index("step")]["reset_event"] = {"guest": False}
+    v = lv.mechanics_verdict(wrong_side)
+    assert v.status == "fail" and v.reason.startswith("guest reboot:") and "guest=False" in v.reason
+    lost = [enumeration("intel", "after", kernel_pmus=["msr", "software"]) if r.get("stage") == "after" and
+            r["kind"] == "enumeration" else r for r in records]  # fmt: skip
+    v = lv.mechanics_verdict(lost)
+    assert v.status == "fail" and "PMU enumeration changed: kernel_pmus" in v.reason
+    rebooted = [enumeration("intel", "boot"), step("save_restore", same=False), enumeration("intel", "after")]
+    assert "the guest rebooted" in lv.mechanics_verdict(rebooted).reason
+
+
+def test_without_a_vpmu_the_values_skip():
+    records = [enumeration("intel", "boot"), step("reset", same=False), enumeration("intel", "after")]
     v = lv.reset_verdict(ABSENT, intel_kvm_guest_view(), records)
     assert v.status == "skip" and v.reason.startswith("accel: no vPMU under TCG")
-    assert "the reset itself held: boot id new, reset to console 6.60 s" in v.reason
 
 
 def test_reset_without_programmed_counters_is_an_error():
@@ -247,8 +252,9 @@ def test_region_that_ended_before_the_switch_over_is_not_judged():
 
 
 def test_guest_process_lost_across_migration_fails_on_any_accelerator():
-    v = lv.migration_verdict(ABSENT, intel_kvm_guest_view(), migration_records(finished=False, rc=""), {})
+    v = lv.mechanics_verdict(migration_records(finished=False, rc=""))
     assert v.status == "fail" and "did not finish on the destination" in v.reason
+    assert lv.mechanics_verdict(migration_records()).status == "pass"
 
 
 def test_refused_migration():
@@ -261,8 +267,18 @@ def test_refused_migration():
     assert v.status == "pass"
     v = lv.migration_verdict(EXPECTED, intel_kvm_guest_view(), records, {"pmu": True})
     assert v.status == "skip" and v.reason.startswith("qemu: QEMU refused to migrate this guest")
+    assert lv.mechanics_verdict(records, {"migratable": False}).status == "pass"
     v = lv.save_restore_verdict(EXPECTED, intel_kvm_guest_view(), records, cpu_props={"migratable": False})
     assert v.status == "pass" and "invtsc" in v.reason  # the blocker blocks a save to a file too
+
+
+def test_report_table_for_both_checks_of_a_step():
+    records = reset_records("intel", {**cold_boot("intel"), "evtsel0": 0x4100C0})
+    table = lv.report_table("lifecycle.reset.pmu", records)
+    assert table["columns"] == ["cold boot", "before (programmed)", "after reset"]
+    row = next(r for r in table["rows"] if r["msr"] == "evtsel0")
+    assert row["values"] == ["0x0", "0x4100c0", "0x4100c0"] and not row["changed"]
+    assert lv.report_table("lifecycle.reset", records) == table and lv.report_table("arch.rdpmc", records) is None
 
 
 def test_side_by_side_rows():
