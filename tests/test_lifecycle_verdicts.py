@@ -10,6 +10,8 @@ and does not restore it; GLOBAL_CTRL as the guest kernel's PMU driver left it.
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from harness import lifecycle_verdicts as lv
@@ -286,3 +288,19 @@ def test_side_by_side_rows():
     rows = {r["msr"]: r for r in lv.side_by_side(records, ("saved", None), ("after", None))}
     assert rows["evtsel0"] == {"msr": "evtsel0", "before": "0x4100c0", "after": "0x4100c0", "changed": False}
     assert rows["counter0"]["changed"] and rows["counter0"]["after"] == "0xffff"
+
+
+@pytest.mark.parametrize("vendor", ["intel", "amd"])
+@pytest.mark.parametrize("mode", ["state", "program", "continue"])
+def test_lifecycle_modes_compile_without_warnings(tmp_path, vendor, mode):
+    """The msr probe's life-cycle modes, rendered for an Intel and an AMD KVM guest, compile with -Werror (objects,
+    so unused functions are seen too)."""
+    from harness.probe_params import lifecycle_params
+    from harness.probes import ProbeBuilder
+
+    view = intel_kvm_guest_view() if vendor == "intel" else amd_kvm_guest_view()
+    source = tmp_path / "msr.c"
+    source.write_text(ProbeBuilder(cache_dir=tmp_path).render("msr", lifecycle_params(view, mode, 7)))
+    done = subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror", "-c", str(source),
+                           "-o", str(tmp_path / "msr.o")], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[:2000]
