@@ -150,11 +150,14 @@ def reset(run: Any, how: str, timeout_s: float | None = None) -> dict[str, Any]:
         console_s = time.monotonic() - start
         session = _session(machine, run, timeout_s - (time.monotonic() - start))
         ssh_s = time.monotonic() - start
-        machine.qmp("set-action", reboot="shutdown")
+        after = boot_id(session)
     except (GuestError, QMPError) as exc:
         raise LifecycleError(step, _why(exc), machine.serial_tail()) from exc
+    finally:
+        with contextlib.suppress(GuestError, QMPError):  # -no-reboot again: a later guest panic ends QEMU at once
+            if machine.gone() is None:
+                machine.qmp("set-action", reboot="shutdown")
     run.adopt(Guest(machine, session, replace(guest.boot)), None)
-    after = boot_id(session)
     return {
         "step": step,
         "boot_id_before": before,
@@ -262,6 +265,7 @@ def save_restore(run: Any, timeout_s: float = STEP_TIMEOUT_S) -> dict[str, Any]:
         destination.qmp("cont")
         session = _session(destination, run, timeout_s - (time.monotonic() - start))
         restore_s = time.monotonic() - start
+        after = boot_id(session)
     except LifecycleError:
         _abandon(stack, run, source)
         raise
@@ -273,7 +277,6 @@ def save_restore(run: Any, timeout_s: float = STEP_TIMEOUT_S) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
     assert stack is not None and destination is not None
     run.adopt(Guest(destination, session, BootTimes()), stack)
-    after = boot_id(session)
     return {
         "step": "save_restore",
         "boot_id_before": before,
@@ -349,6 +352,7 @@ def migrate(
                                  *_tails(source, destination))  # fmt: skip
         session = _session(destination, run, timeout_s - (time.monotonic() - start))
         to_ssh_s = time.monotonic() - start
+        after = boot_id(session)
         sock_left = sock.exists()
     except LifecycleError:
         _abandon(stack, run, source)
@@ -361,7 +365,6 @@ def migrate(
         shutil.rmtree(work, ignore_errors=True)
     assert stack is not None and destination is not None
     run.adopt(Guest(destination, session, BootTimes()), stack)
-    after = boot_id(session)
     return {
         "step": "migration",
         "boot_id_before": before,
