@@ -39,8 +39,8 @@ def _records(run, step: str) -> list[dict]:
 def test_step(profile_run, check, step):
     """The step itself: a reset gives a new boot id and a QMP RESET event from the side that asked (system_reset:
     guest=false; reboot -f in the guest: guest=true); a save/restore or a live migration keeps the boot id and a
-    guest process running across the switch-over finishes; the PMU enumeration is unchanged; a refusal to migrate
-    a -cpu QEMU documents as unmigratable (migratable=no, lbr-fmt) is what QEMU documents."""
+    guest process running across the switch-over finishes; the PMU enumeration is unchanged (with lbr-fmt: the LBR
+    format); QEMU refusing a migratable=no vCPU with its non-migratable-CPU blocker is what QEMU documents."""
     records = _records(profile_run, step)
     check.judge(lv.mechanics_verdict(records, profile_run.cpu.props), records)
 

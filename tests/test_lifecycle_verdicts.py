@@ -66,12 +66,13 @@ def programmed(vendor: str, counted: int = 0) -> dict[str, int]:
     counters = 8 if vendor == "intel" else 6
     values: dict[str, int] = {}
     for i in range(counters):
-        values[f"evtsel{i}"] = EN_USR | (0xC4 if i == 1 and vendor == "intel" else 0xC2 if i == 1 else 0xC0)
-        values[f"counter{i}"] = (1 << 40) + 0x10000 * (i + 1) + counted
+        event = 0xC4 if i == 1 and vendor == "intel" else 0xC2 if i == 1 else 0xC0
+        values[f"evtsel{i}"] = (EN_USR if i < 2 else 1 << 16) | event  # EN on the two judged counters only
+        values[f"counter{i}"] = (1 << 40) + 0x10000 * (i + 1) + (counted if i < 2 else 0)
     if vendor == "intel":
         for j in range(3):
-            values[f"fixed_counter{j}"] = 0x20000 * (j + 1) + counted
-        values["fixed_ctr_ctrl"] = 0x222
+            values[f"fixed_counter{j}"] = 0x20000 * (j + 1) + (counted if j == 0 else 0)
+        values["fixed_ctr_ctrl"] = 0x2
         values["global_ctrl"] = INTEL_GLOBAL
     else:
         values["global_ctrl"] = AMD_GLOBAL
@@ -151,10 +152,10 @@ def test_amd_event_select_left_over_by_qemu_before_the_reset_fix():
 
 
 def test_stale_counter_and_fixed_control_after_reset_fail():
-    after = {**cold_boot("intel"), "counter3": (1 << 40) + 0x40000, "fixed_ctr_ctrl": 0x222}
+    after = {**cold_boot("intel"), "counter3": (1 << 40) + 0x40000, "fixed_ctr_ctrl": 0x2}
     v = lv.reset_verdict(EXPECTED, intel_kvm_guest_view(), reset_records("intel", after))
     assert v.status == "fail"
-    assert "fixed_ctr_ctrl = 0x222" in v.reason and "counter3 = 0x10000040000 after the reset but 0x0" in v.reason
+    assert "fixed_ctr_ctrl = 0x2 after" in v.reason and "counter3 = 0x10000040000 after the reset but 0x0" in v.reason
 
 
 def test_unknown_nmi_after_reset_fails():
@@ -265,8 +266,10 @@ def test_refused_migration():
                "reason": "State blocked by non-migratable CPU device (invtsc flag)"}]  # fmt: skip
     v = lv.migration_verdict(EXPECTED, intel_kvm_guest_view(), records, {"pmu": True, "migratable": False})
     assert v.status == "pass" and "migratable" in v.reason and "invtsc" in v.reason
-    v = lv.migration_verdict(EXPECTED, intel_kvm_guest_view(), records, {"pmu": True, "lbr-fmt": "0x5"})
-    assert v.status == "pass"
+    v = lv.migration_verdict(EXPECTED, intel_kvm_guest_view(), records, {"pmu": True, "lbr-fmt": 5})
+    assert v.status == "skip"  # lbr-fmt is no migration blocker (QEMU checks it when the destination starts)
+    other = [records[0], {**records[1], "reason": "disallowing migration blocker (nested VMX) for: x"}]
+    assert lv.migration_verdict(EXPECTED, intel_kvm_guest_view(), other, {"migratable": False}).status == "skip"
     v = lv.migration_verdict(EXPECTED, intel_kvm_guest_view(), records, {"pmu": True})
     assert v.status == "skip" and v.reason.startswith("qemu: QEMU refused to migrate this guest")
     assert lv.mechanics_verdict(records, {"migratable": False}).status == "pass"
