@@ -307,3 +307,39 @@ def test_lifecycle_modes_compile_without_warnings(tmp_path, vendor, mode):
     done = subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror", "-c", str(source),
                            "-o", str(tmp_path / "msr.o")], capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[:2000]
+
+
+def test_region_of_repeated_loops_counts_exactly(tmp_path):
+    """keep_counting()'s region: ``repeats`` calls of the loop, N iterations minus 0, executes exactly repeats x the
+    loop's differential (the calls' own instructions and branches cancel), checked with callgrind like the loop
+    itself (tests/test_workload.py)."""
+    import re
+    import shutil
+
+    from harness.probe_params import lifecycle_params
+    from harness.probes import ProbeBuilder
+
+    if shutil.which("valgrind") is None:
+        pytest.fail("valgrind is not installed (Debian package valgrind); scripts/install installs it")
+    repeats, n = 7, 1000
+    binary = (
+        ProbeBuilder(cache_dir=tmp_path)
+        .build("msr", {**lifecycle_params(intel_kvm_guest_view(), "continue", repeats), "iterations": n})
+        .binary
+    )
+    totals = {}
+    for iterations in (n, 0):
+        out = tmp_path / f"cg.{iterations}"
+        subprocess.run(["valgrind", "--tool=callgrind", "--toggle-collect=region*", "--branch-sim=yes",
+                        f"--callgrind-out-file={out}", str(binary), "0", "workload", str(iterations)],
+                       check=True, capture_output=True)  # fmt: skip
+        text = out.read_text()
+        events = re.search(r"^events: (.*)$", text, re.M).group(1).split()
+        values = [int(v) for v in re.search(r"^totals: (.*)$", text, re.M).group(1).split()]
+        totals[iterations] = dict(zip(events, values + [0] * (len(events) - len(values)), strict=True))
+    assert (
+        totals[n]["Ir"] - totals[0]["Ir"]
+        == repeats * LOOP.delta_instructions(n)
+        == LOOP.delta_instructions(repeats * n)
+    )
+    assert totals[n]["Bc"] - totals[0]["Bc"] == repeats * LOOP.delta_branches(n)
