@@ -151,7 +151,7 @@ def reset(run: Any, how: str, timeout_s: float | None = None) -> dict[str, Any]:
         session = _session(machine, run, timeout_s - (time.monotonic() - start))
         ssh_s = time.monotonic() - start
         after = boot_id(session)
-    except (GuestError, QMPError) as exc:
+    except (HarnessError, QMPError) as exc:
         raise LifecycleError(step, _why(exc), machine.serial_tail()) from exc
     finally:
         with contextlib.suppress(GuestError, QMPError):  # -no-reboot again: a later guest panic ends QEMU at once
@@ -269,10 +269,14 @@ def save_restore(run: Any, timeout_s: float = STEP_TIMEOUT_S) -> dict[str, Any]:
     except LifecycleError:
         _abandon(stack, run, source)
         raise
-    except (GuestError, QMPError, OSError) as exc:
+    except (HarnessError, QMPError, OSError) as exc:
         tails = _tails(source, destination)
         _abandon(stack, run, source)
         raise LifecycleError(step, _why(exc), *tails) from exc
+    except BaseException:  # Ctrl-C, SIGTERM: no destination QEMU left behind
+        if stack is not None:
+            stack.close()
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     assert stack is not None and destination is not None
@@ -357,10 +361,14 @@ def migrate(
     except LifecycleError:
         _abandon(stack, run, source)
         raise
-    except (GuestError, QMPError, OSError) as exc:
+    except (HarnessError, QMPError, OSError) as exc:
         tails = _tails(source, destination)
         _abandon(stack, run, source)
         raise LifecycleError("migration", _why(exc), *tails) from exc
+    except BaseException:  # Ctrl-C, SIGTERM: no destination QEMU left behind
+        if stack is not None:
+            stack.close()
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     assert stack is not None and destination is not None
@@ -479,15 +487,19 @@ def measure_migration(run: Any) -> list[dict[str, Any]]:
         records.append({"probe": "lifecycle", "kind": "refused", "reason": exc.refusal})
         return records
     session = run.guest.ssh
-    uptime = float(session.check("cat /proc/uptime").stdout.split()[0])
-    records.append({"probe": "lifecycle", "kind": "switchover", "guest_boottime_ns": int(uptime * 1e9)})
-    wait_s = SPAN_GRACE_S + (SPAN_TARGET_S * 2 if _has_pmu(run) else 0)
-    done = session.run(f"cat {SPAN_DIR}/done", timeout_s=wait_s)
-    rc = session.run(f"cat {SPAN_DIR}/rc").stdout.strip()
-    step["during"] = {**(step.get("during") or {}), "finished": done.rc == 0 and rc == "0", "rc": rc}
-    if _has_pmu(run):
-        out = session.run(f"cat {SPAN_DIR}/out").stdout
-        records += _tag(parse_records("msr", out), "restored")
+    try:
+        uptime = float(session.check("cat /proc/uptime").stdout.split()[0])
+        records.append({"probe": "lifecycle", "kind": "switchover", "guest_boottime_ns": int(uptime * 1e9)})
+        wait_s = SPAN_GRACE_S + (SPAN_TARGET_S * 2 if _has_pmu(run) else 0)
+        done = session.run(f"cat {SPAN_DIR}/done", timeout_s=wait_s)
+        rc = session.run(f"cat {SPAN_DIR}/rc").stdout.strip()
+        step["during"] = {**(step.get("during") or {}), "finished": done.rc == 0 and rc == "0", "rc": rc}
+        if _has_pmu(run):
+            out = session.run(f"cat {SPAN_DIR}/out").stdout
+            records += _tag(parse_records("msr", out), "restored")
+    except HarnessError as exc:
+        raise LifecycleError("migration", f"collecting the job that ran across the switch-over: {_why(exc)}",
+                             run.guest.machine.serial_tail()) from exc  # fmt: skip
     records.append({"probe": "lifecycle", "kind": "step", **step})
     records.append(_enumeration_record("after", enumeration(run, run.runner)))
     return records
