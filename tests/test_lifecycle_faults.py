@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from harness import lifecycle, lifecycle_verdicts, lifetime
+from harness import lifecycle, lifecycle_verdicts, lifetime, results
 from harness.errors import LifecycleError
 from harness.profile_run import ProfileRun
 from harness.profiles import DEFAULT_PROFILES_FILE, load_profiles
 from tests.conftest import qemu_pids
+from tests.helpers import run_cli
 from tests.test_verdicts import intel_kvm_guest_view
 
 pytestmark = pytest.mark.integration
@@ -127,3 +128,26 @@ def test_pmu_path_runs_for_real_where_msr_reads_fault(booted, monkeypatch):
     assert all(r.get("value") == 0 or "errno" in r for r in states), states[:3]
     assert lifecycle_verdicts.programmed_problem(records).startswith("no event select had EN set")
     booted.close()
+
+
+def test_a_failed_step_is_an_error_of_its_checks_in_a_run(tmp_path, guest_image):
+    """End to end: the destination QEMU SIGKILLed while it restores (the fault plugin at phase ``restore``): both
+    checks of the step are ERROR naming it, with both serial tails; the source ran on, so the migration after it
+    passes; exit 1."""
+    out = tmp_path / "out"
+    proc = run_cli("run", "--image", str(guest_image.directory), "--profile", "pmu-on", "--out", str(out), "--",
+                   "-p", "tests.fault_plugin", "--vpmu-inject-fault", "pmu-on:restore:qemu_sigkill",
+                   "-k", "save_restore or migration", timeout_s=300)  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    checks = {c["id"]: c for c in results.load(out / "results.json")["runs"][0]["checks"]}
+    step = checks["lifecycle.save_restore"]
+    assert step["status"] == "error" and step["reason"].startswith("lifecycle step 'restore' failed: ")
+    assert "killed by signal 9" in step["reason"].splitlines()[0]
+    assert "--- source serial log (tail) ---" in step["reason"] and "--- destination serial log" in step["reason"]
+    assert checks["lifecycle.migration"]["status"] == "pass", checks["lifecycle.migration"]
+    pmu = checks["lifecycle.save_restore.pmu"]
+    assert pmu["status"] == "skip" if not booted_has_pmu(out) else pmu["status"] == "error"
+
+
+def booted_has_pmu(out: Path) -> bool:
+    return bool(results.load(out / "results.json")["runs"][0]["guest"]["features"]["pmu"]["seen"])
