@@ -39,6 +39,8 @@ class ConsoleLog:
         self._fd = fd
         self.log_path = log_path
         self._buffer = bytearray()
+        #: Bytes dropped from the front of the buffer (MAX_BUFFER): offsets given to wait_for are absolute.
+        self._dropped = 0
         self._eof = False
         self._cond = threading.Condition()
         self._log = open(log_path, "ab", buffering=0)  # noqa: SIM115 - closed by the reader thread at EOF
@@ -62,6 +64,7 @@ class ConsoleLog:
                 with self._cond:
                     self._buffer += chunk
                     if len(self._buffer) > MAX_BUFFER:
+                        self._dropped += len(self._buffer) - MAX_BUFFER
                         del self._buffer[: len(self._buffer) - MAX_BUFFER]
                     self._cond.notify_all()
         finally:
@@ -95,10 +98,16 @@ class ConsoleLog:
         with self._cond:
             return self._buffer.decode(errors="replace")
 
+    def position(self) -> int:
+        """The absolute offset of the next console byte (a later ``wait_for(start=...)`` sees only what follows)."""
+        with self._cond:
+            return self._dropped + len(self._buffer)
+
     def wait_for(
         self, pattern: str, failures: Iterable[str] = (), timeout_s: float = 60.0, start: int = 0
     ) -> ConsoleMatch:
-        """Wait until ``pattern`` (a regex) or one of ``failures`` appears in the console after offset ``start``.
+        """Wait until ``pattern`` (a regex) or one of ``failures`` appears in the console after absolute offset
+        ``start`` (:meth:`position`).
 
         :param timeout_s: seconds to wait at most; the wait also ends when the stream ends (QEMU exited).
         """
@@ -107,7 +116,7 @@ class ConsoleLog:
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while True:
-                text = self._buffer[start:].decode(errors="replace")
+                text = self._buffer[max(0, start - self._dropped) :].decode(errors="replace")
                 for regex in bad:
                     found = regex.search(text)
                     if found:

@@ -123,3 +123,23 @@ class GuestCommandError(GuestError):
         if self.stderr.strip():
             text += "\n  stderr: " + tail(self.stderr, 10).replace("\n", "\n          ")
         return text
+
+
+class LifecycleError(GuestError):
+    """A step of the guest's life cycle (reset, save, restore, migration) failed. Names the step and carries the
+    serial tails of both QEMUs (the source, and the destination where there was one)."""
+
+    def __init__(self, step: str, reason: str, source_tail: str, destination_tail: str | None = None) -> None:
+        super().__init__(reason)
+        self.step = step
+        self.reason = reason
+        self.source_tail = source_tail
+        self.destination_tail = destination_tail
+
+    def __str__(self) -> str:
+        text = (
+            f"lifecycle step '{self.step}' failed: {self.reason}\n--- source serial log (tail) ---\n{self.source_tail}"
+        )
+        if self.destination_tail is not None:
+            text += f"\n--- destination serial log (tail) ---\n{self.destination_tail}"
+        return text

@@ -13,6 +13,8 @@ frozen (``gone`` then says so, and every later QMP call fails at once). The gues
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -23,6 +25,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -94,6 +97,28 @@ class _Monitor(QEMUMonitorProtocol):
 
     def close_within(self, timeout_s: float) -> None:
         self._sync(self._qmp.disconnect(), timeout_s)
+
+    def event_within(self, exit_fd: int | None, timeout_s: float) -> dict[str, Any] | None:
+        """The next QMP event, waiting at most ``timeout_s`` seconds; None at the deadline or as soon as ``exit_fd``
+        (QEMU's pidfd) becomes readable: qemu.qmp's own event wait does not end when the connection breaks."""
+        return self._sync(self._next_event(exit_fd, timeout_s), None)
+
+    async def _next_event(self, exit_fd: int | None, timeout_s: float) -> dict[str, Any] | None:
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
+        if exit_fd is not None:
+            loop.add_reader(exit_fd, lambda: exited.done() or exited.set_result(None))
+        getter = asyncio.ensure_future(self._qmp.events.get())
+        try:
+            await asyncio.wait({getter, exited}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if exit_fd is not None:
+                loop.remove_reader(exit_fd)
+            if not getter.done():
+                getter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await getter
+        return dict(getter.result()) if getter.done() and not getter.cancelled() else None
 
 
 class QemuMachine:
@@ -191,8 +216,8 @@ class QemuMachine:
             self._watch.wait(5)
             raise LaunchError(f"QEMU exited before QMP was ready ({exc})", self._proc.returncode, self.argv,
                               self._read_qemu_log()) from exc  # fmt: skip
-        if self.config.image is not None:  # a -machine none QEMU only answers capability questions
-            phase("boot", machine=self)
+        if self.config.image is not None and not self.config.incoming:  # a -machine none QEMU only answers
+            phase("boot", machine=self)  # capability questions; an incoming one is announced by harness.lifecycle
 
     def shutdown(self, timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S, raise_on_kill: bool = True) -> None:
         """Quit QEMU (QMP ``quit``), kill it if it does not exit in ``timeout_s`` seconds, and clean up. A QEMU
@@ -418,21 +443,29 @@ class QemuMachine:
             raise BootError(f"no SSH port forward in QEMU's 'info usernet':\n{text}", self.serial_tail())
         return int(match.group(1))
 
-    def wait_for_console(self, pattern: str, timeout_s: float, failures: tuple[str, ...] = PANIC_PATTERNS) -> str:
-        """Wait for ``pattern`` on the console; return the matched text.
+    def console_position(self) -> int:
+        """Where the console output stands now: a wait given this ``start`` sees only what the guest prints later
+        (e.g. the readiness marker of its next boot)."""
+        assert self._console is not None, "launch() first"
+        return self._console.position()
+
+    def wait_for_console(
+        self, pattern: str, timeout_s: float, failures: tuple[str, ...] = PANIC_PATTERNS, start: int = 0
+    ) -> str:
+        """Wait for ``pattern`` on the console after offset ``start`` (:meth:`console_position`); return the match.
 
         :param timeout_s: seconds; the wait also ends at once on a failure pattern or when QEMU exits.
         :raises BootError: panic, QEMU exit, or timeout; the serial tail is attached.
         """
         assert self._console is not None, "launch() first"
-        result = self._wait_console(pattern, failures, timeout_s)
+        result = self._wait_console(pattern, failures, timeout_s, start)
         if result.outcome == "match":
             return result.text
         if result.outcome == "frozen":
             raise BootError(f"{result.text} while waiting for '{pattern}' on the console", self.serial_tail())
         if result.outcome == "failure":
             # Give the kernel a moment to print the rest of the panic (call trace) before we quote it.
-            self._console.wait_for(r"end Kernel panic[^\n]*\n", (), 2.0)
+            self._console.wait_for(r"end Kernel panic[^\n]*\n", (), 2.0, start)
             reason = f"guest kernel panicked: {result.text.strip()}"
         elif result.outcome == "eof":
             code = self.wait(5)
@@ -443,7 +476,7 @@ class QemuMachine:
             reason = f"timeout after {timeout_s:.0f} s waiting for '{pattern}' on the console (guest hung?)"
         raise BootError(reason, self.serial_tail())
 
-    def _wait_console(self, pattern: str, failures: tuple[str, ...], timeout_s: float) -> ConsoleMatch:
+    def _wait_console(self, pattern: str, failures: tuple[str, ...], timeout_s: float, start: int = 0) -> ConsoleMatch:
         """The console wait in slices of HEARTBEAT_S: while the console is silent, QEMU is asked whether it still
         runs the guest (a stopped QEMU never closes the console), so a frozen QEMU ends the wait within
         HEARTBEAT_S + PING_TIMEOUT_S seconds, not at ``timeout_s``. Outcome ``frozen`` carries the reason."""
@@ -451,17 +484,51 @@ class QemuMachine:
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
-            result = self._console.wait_for(pattern, failures, max(0.0, min(HEARTBEAT_S, remaining)))
+            result = self._console.wait_for(pattern, failures, max(0.0, min(HEARTBEAT_S, remaining)), start)
             if result.outcome != "timeout" or remaining <= HEARTBEAT_S:
                 return result
             problem = self.check()
             if problem is not None:
                 return ConsoleMatch("frozen", problem)
 
-    def wait_ready(self, timeout_s: float = DEFAULT_BOOT_TIMEOUT_S) -> float:
-        """Wait for the image's readiness marker; return seconds since launch."""
-        self.wait_for_console(READY_MARKER, timeout_s)
+    def wait_ready(self, timeout_s: float = DEFAULT_BOOT_TIMEOUT_S, start: int = 0) -> float:
+        """Wait for the image's readiness marker (printed after console offset ``start``); return seconds since
+        launch."""
+        self.wait_for_console(READY_MARKER, timeout_s, start=start)
         return time.monotonic() - self.launched_at
+
+    def wait_event(
+        self, names: tuple[str, ...], timeout_s: float, until: Callable[[dict[str, Any]], bool] | None = None
+    ) -> dict[str, Any]:
+        """Wait for a QMP event named one of ``names`` for which ``until`` holds (default: any); return it (other
+        events are dropped). Events that came before the call count: see :meth:`clear_events`.
+
+        :param timeout_s: seconds; the wait ends at once when QEMU exits.
+        :raises BootError: QEMU exited, is stopped or frozen, or no such event came within ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            problem = self.gone()
+            if self._qmp is None or problem is not None:
+                raise BootError(f"waiting for QMP event {'/'.join(names)}: {problem or 'QMP is not connected'}",
+                                self.serial_tail())  # fmt: skip
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BootError(f"no QMP event {'/'.join(names)} within {timeout_s:g} s", self.serial_tail())
+            try:
+                event = self._qmp.event_within(self.exit_fd(), remaining)
+            except (QMPError, OSError, EOFError) as exc:
+                reason = self._lost(f"the wait for QMP event {'/'.join(names)}", exc)
+                raise BootError(reason, self.serial_tail()) from exc
+            if event is None:
+                continue  # QEMU exited (gone() says how) or the deadline passed
+            if event.get("event") in names and (until is None or until(event)):
+                return event
+
+    def clear_events(self) -> None:
+        """Drop the QMP events received so far (a later :meth:`wait_event` sees only newer ones)."""
+        if self._qmp is not None:
+            self._qmp.clear_events()
 
     def kill(self) -> None:
         """SIGKILL QEMU without cleanup (tests use it to simulate a crash); shutdown() still cleans up."""

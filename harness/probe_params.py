@@ -237,3 +237,21 @@ def semantics_params(view: GuestView, host: dict[str, Any] | None = None) -> dic
     assert amd is not None, "semantics probe needs an enumerated PMU"
     return {**common, "vendor": "amd", "counters": amd.core_counters, "width": 48, "core_ext": amd.perfctr_core,
             "perfmon_v2": amd.perfmon_v2}  # fmt: skip
+
+
+#: Life-cycle checks (harness/lifecycle.py): the counting region across a live migration should last this long
+#: (seconds) so that the switch-over happens inside it: a 512 MiB guest migrates in about 0.7 s here and the
+#: destination answers SSH 0.3 s later.
+SPAN_TARGET_S = 5.0
+MAX_SPAN_REPEATS = 100_000
+
+
+def lifecycle_params(view: GuestView, mode: str, repeats: int = 1) -> dict[str, Any]:
+    """The msr probe in a life-cycle mode: ``state`` (read every PMU MSR), ``program`` (program the counters and
+    leave them counting) or ``continue`` (count ``repeats`` x N loop iterations on the running counters)."""
+    return {**msr_params(view), "mode": mode, "repeats": repeats}
+
+
+def span_repeats(loop_ns: int) -> int:
+    """How many loops of N iterations last SPAN_TARGET_S, from the time one took (the program step measures it)."""
+    return max(1, min(MAX_SPAN_REPEATS, int(SPAN_TARGET_S * 1e9 / max(1, loop_ns)) + 1))

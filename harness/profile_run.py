@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from harness.guest import Guest, boot_guest
 from harness.guest_view import ENUM_MSRS, GuestView, kernel_pmu_facts, view_from
 from harness.image import Image
 from harness.machine import QemuMachine
+from harness.probe_params import lifecycle_params
 from harness.probes import ProbeError, ProbeRun, ProbeRunner
 from harness.profiles import Profile
 from harness.qemu_argv import MachineConfig
@@ -38,6 +40,8 @@ from harness.qemu_cpu import QemuCpuCaps, granted_props, probe_cpu_caps
 
 LOG = logging.getLogger(__name__)
 MAX_REBOOTS = 1
+#: Memo key of the msr probe's reading of every PMU MSR right after boot (harness/lifecycle.py).
+BOOT_STATE_KEY = "lifecycle_boot_state"
 
 
 def _seen(prop: str, view: GuestView) -> Any:
@@ -196,6 +200,9 @@ class ProfileRun(RunExpectations):
             row["seen"] = _seen(name, self.view)
         self.features.setdefault("pmu", {"requested": self.cpu.pmu_requested(), "granted": None})
         self.features["pmu"]["seen"] = self.view.cpuid_pmu
+        if self.view.cpuid_pmu:
+            # Every PMU MSR as the cold boot left it, before any check programs one: the baseline of lifecycle.reset.
+            self.probe("msr", lifecycle_params(self.view, "state"), key=BOOT_STATE_KEY)
 
     def boot_again(self) -> None:
         """Boot the guest again after :meth:`close`: a before-boot host load starts in between, so it exists when KVM
@@ -210,6 +217,25 @@ class ProfileRun(RunExpectations):
         except GuestError:
             self.boot_error = first
             raise
+
+    def adopt(self, guest: Guest, stack: contextlib.ExitStack | None) -> None:
+        """Make ``guest`` the run's guest after a life-cycle step (harness.lifecycle): a new SSH session on the same
+        QEMU (``stack`` None: the session joins the current one), or a new QEMU that ``stack`` owns (a restored or
+        migrated guest); the old QEMU is then shut down and the vCPUs of the new one pinned."""
+        if stack is None:
+            assert self._stack is not None
+            self._stack.callback(guest.ssh.close)
+        else:
+            stack.callback(guest.ssh.close)
+            old, self._stack = self._stack, stack
+            if old is not None:
+                try:
+                    old.close()
+                except GuestError as exc:  # the source had to be killed: the guest lives on in the new QEMU
+                    LOG.warning("shutting down the source QEMU of %s: %s", self.profile.name, exc)
+            self.pinning = pin_vcpus(guest.machine)
+        self._guest = guest
+        self._runner = ProbeRunner(guest.ssh)
 
     def close(self) -> None:
         if self._stack is not None:
@@ -280,6 +306,37 @@ class ProfileRun(RunExpectations):
         if isinstance(cached, ProbeError):
             raise cached
         return cached
+
+    @property
+    def runner(self) -> ProbeRunner:
+        """The probe runner of the current guest (life-cycle steps run probes outside the memo)."""
+        assert self._runner is not None, "the guest is not running"
+        return self._runner
+
+    def measure(self, name: str, measure: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Run ``measure`` once per load (memoized under ``name`` like a probe) and keep its records for results.json,
+        so that rejudge gives them back (ReplayRun.measure); a failure is kept too, with its text.
+
+        :raises GuestError: ``measure`` failed (the same error text is raised to a check that asks again).
+        """
+        key = f"{self.load}/{name}"
+        entry = self.probe_log.get(key)
+        if entry is not None:
+            if entry["error"]:
+                raise GuestError(entry["error"])
+            return list(entry["records"])
+        if self._guest is None and self.unavailable is None:
+            self.boot_again()  # the last load booted no guest (a before-boot load the mediated vPMU refused)
+        self.ensure_alive()
+        start = time.monotonic()
+        try:
+            records = measure()
+        except (GuestError, ProbeError) as exc:
+            self.probe_log[key] = {"name": name, "records": [], "error": str(exc), "duration_s": None}
+            raise
+        self.probe_log[key] = {"name": name, "records": records, "error": None,
+                               "duration_s": round(time.monotonic() - start, 3)}  # fmt: skip
+        return list(records)
 
     def cached_probe(self, load: str, name: str) -> ProbeRun | None:
         """A probe run made earlier under another load (e.g. the idle baseline), if there was a good one; also one

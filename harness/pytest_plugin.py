@@ -141,6 +141,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "before any probe runs; the closest marker wins",
         "feature(name): the vPMU feature the check belongs to (a row group of the matrix)",
         "check(id): the check's id in results.json; {param} placeholders take the test's parameters",
+        "lifecycle: the check resets, restores or migrates the guest: it runs under the idle load only, after every "
+        "other check of its profile (under every load)",
     ):
         config.addinivalue_line("markers", line)
     state = SessionState()
@@ -300,17 +302,25 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Profile-major, then load: each guest boots once and each host load starts once per profile."""
+    """Profile-major, then load: each guest boots once and each host load starts once per profile. Life-cycle checks
+    (they reboot or move the guest) come last in their profile, after every load's checks, so every other check
+    measures the booted guest and a failed step cannot change their results."""
     state = config.stash[STATE_KEY]
 
-    def rank(item: pytest.Item) -> tuple[int, int]:
+    def rank(item: pytest.Item) -> tuple[int, int, int]:
         params = getattr(getattr(item, "callspec", None), "params", {})
         profile, load = params.get("vpmu_profile"), params.get("vpmu_load")
         p = state.selected.index(profile) if profile in state.selected else -1
         q = state.selected_loads.index(load) if load in state.selected_loads else -1
-        return p, q
+        return p, 1 if item.get_closest_marker("lifecycle") is not None else 0, q
 
     items.sort(key=rank)
+    # A life-cycle step runs under the idle load only (not at all when --load leaves idle out).
+    off_idle = [item for item in items if item.get_closest_marker("lifecycle") is not None
+                and getattr(getattr(item, "callspec", None), "params", {}).get("vpmu_load", IDLE) != IDLE]  # fmt: skip
+    if off_idle:
+        config.hook.pytest_deselected(items=off_idle)
+        items[:] = [item for item in items if item not in off_idle]
     if config.getoption("vpmu_plan") is not None and not state.usage_error:
         _write_plan(config, items)
         config.hook.pytest_deselected(items=list(items))
@@ -812,11 +822,12 @@ def host_load(
         exits = profile_run.vm_exits_now() if profile_run._guest is not None else None
         delta = exits - exits_before if exits is not None and exits_before is not None else None
         key = (profile_run.profile.name, vpmu_load)
-        state.load_results[key] = {
-            **load.result.to_json(), "group_s": round(seconds, 3), "vm_exits": delta,
-            "vm_exits_per_s": round(delta / seconds, 1) if delta is not None and seconds > 0 else None,
-        }  # fmt: skip
-        state.load_inputs[key] = recorder.inputs()
+        if key not in state.load_results:  # the idle load again, for the life-cycle checks: the group's result stays
+            state.load_results[key] = {
+                **load.result.to_json(), "group_s": round(seconds, 3), "vm_exits": delta,
+                "vm_exits_per_s": round(delta / seconds, 1) if delta is not None and seconds > 0 else None,
+            }  # fmt: skip
+            state.load_inputs[key] = recorder.inputs()
 
 
 @pytest.fixture

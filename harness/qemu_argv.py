@@ -46,6 +46,9 @@ class MachineConfig:
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     #: Start with the CPU stopped (-S), so QMP can read what QEMU granted before the guest runs.
     paused: bool = False
+    #: Wait for an incoming migration (``-incoming defer``; the source is given later with QMP migrate-incoming):
+    #: the guest's state then comes from a saved file or a migrating QEMU instead of a boot.
+    incoming: bool = False
 
     def kernel_cmdline(self) -> str:
         if self.cmdline is not None:
@@ -96,6 +99,7 @@ def build_argv(config: MachineConfig, qmp_fd: int) -> list[str]:
         *qmp_args(qmp_fd),
         *(network_args() if guest else []),
         *(["-S"] if config.paused else []),
+        *(["-incoming", "defer"] if config.incoming else []),
         *config.extra_args,
     ]  # fmt: skip
 

@@ -13,7 +13,7 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
-from harness import outputs, svg
+from harness import lifecycle_verdicts, outputs, svg
 from harness.expectations import host_offer_notes
 from harness.kvm_offer import describe as describe_offer
 from harness.matrix import SYMBOLS, Matrix
@@ -60,7 +60,27 @@ def html(matrix: Matrix) -> str:
     return _environment().get_template("matrix.html.j2").render(
         total=sum(counts.values()), counts=counts, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         hosts=hosts, columns=columns, groups=groups, feature_tables=tables, mux=_mux_sections(matrix),
+        lifecycle=_lifecycle_sections(matrix),
     )  # fmt: skip
+
+
+def _lifecycle_sections(matrix: Matrix) -> list[dict[str, Any]]:
+    """Per run and life-cycle step: the PMU MSRs before and after it side by side, the step's numbers, and the verdicts
+    of the step (``lifecycle.<step>``) and of the PMU state (``lifecycle.<step>.pmu``)."""
+    sections = []
+    for column, run in matrix.runs:
+        checks = {c.get("id"): c for c in run.get("checks", [])}
+        for check_id in lifecycle_verdicts.REPORT_COLUMNS:
+            step, pmu = checks.get(check_id), checks.get(f"{check_id}.pmu")
+            if step is None and pmu is None:
+                continue
+            measured = next((c for c in (pmu, step) if c and c.get("measurements")), None)
+            table = lifecycle_verdicts.report_table(check_id, measured["measurements"] if measured else [])
+            verdicts = [
+                {"id": c["id"], "status": c["status"], "reason": c.get("reason") or ""} for c in (step, pmu) if c
+            ]
+            sections.append({"column": column.label(matrix.multi_host), "id": check_id, "verdicts": verdicts, **table})
+    return sections
 
 
 def _mux_sections(matrix: Matrix) -> list[dict[str, Any]]:

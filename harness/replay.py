@@ -185,6 +185,13 @@ class ReplayRun(RunExpectations):
             raise ReplayGap(f"probe {name} failed in the original run: {entry['error'].splitlines()[0]}")
         return ProbeRun(entry["name"], entry["records"], "", entry.get("duration_s") or 0.0)
 
+    def measure(self, name: str, measure: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        """What a life-cycle check measured in the original run (ProfileRun.measure), never measured again.
+
+        :raises ReplayGap: nothing was stored under ``name`` for this load, or the step failed then.
+        """
+        return list(self.probe(name, key=name).records)
+
     def cached_probe(self, load: str, name: str) -> ProbeRun | None:
         entry = self._probes.get(f"{load}/{name}")
         if entry is None or entry.get("error"):

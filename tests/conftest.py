@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -13,14 +14,20 @@ from harness.machine import TMPDIR_PREFIX
 from harness.paths import cache_root
 from tests.helpers import run_cli
 
+#: Every process this self-test session starts (QEMU, perf, harness subprocesses) inherits this variable, so the leak
+#: check counts only those, even orphaned ones, and not the QEMUs of other test sessions on a shared host.
+SESSION_TAG = f"VPMU_SELFTEST_SESSION={os.environ.setdefault('VPMU_SELFTEST_SESSION', str(os.getpid()))}"
+
 
 def pids_named(prefix: str) -> set[int]:
-    """PIDs of every process whose command name starts with ``prefix`` (read from /proc, not our bookkeeping)."""
+    """PIDs of every process of this self-test session whose command name starts with ``prefix`` (read from /proc,
+    not our bookkeeping)."""
     pids = set()
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if (proc / "comm").read_text().startswith(prefix):
+                if (proc / "comm").read_text().startswith(prefix) and \
+                        SESSION_TAG.encode() in (proc / "environ").read_bytes().split(b"\0"):  # fmt: skip
                     pids.add(int(proc.name))
             except OSError:
                 continue
@@ -35,9 +42,18 @@ def perf_pids() -> set[int]:
     return pids_named("perf")
 
 
+def _other_session(path: Path) -> bool:
+    """Whether a launcher temp dir (``vpmu-qemu-<pid>-*``) belongs to a live process of another test session."""
+    pid = path.name[len(TMPDIR_PREFIX) :].split("-", 1)[0]
+    try:
+        return SESSION_TAG.encode() not in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False  # gone: a leak of ours as far as we can tell
+
+
 def leftovers() -> set[Path]:
-    """Temp dirs the harness creates (launcher dirs, half-built images)."""
-    found = set(Path(tempfile.gettempdir()).glob(f"{TMPDIR_PREFIX}*"))
+    """Temp dirs the harness creates (launcher dirs, half-built images), not those of another live session."""
+    found = {p for p in Path(tempfile.gettempdir()).glob(f"{TMPDIR_PREFIX}*") if not _other_session(p)}
     images = cache_root() / "images"
     if images.is_dir():
         found |= set(images.glob(".vpmu-image-*"))

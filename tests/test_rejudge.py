@@ -34,6 +34,8 @@ INSNS = LOOP.delta_instructions(1_000_000)
 SPR = "GenuineIntel00806F8_SapphireRapids_05_CPUID.txt"
 GENOA = "AuthenticAMD0A10F11_K19_Genoa_01_CPUID.txt"
 PROBES = ("counters", "msr", "semantics", "lbr", "pebs", "topdown", "ibs")
+#: What the life-cycle checks store per step (ProfileRun.measure), kept like a probe's records.
+LIFECYCLE_MEASUREMENTS = ("lifecycle.reset", "lifecycle.guest_reboot", "lifecycle.save_restore", "lifecycle.migration")
 
 
 def enum_records(dump: str, pmu: bool = True) -> list[dict]:
@@ -326,7 +328,7 @@ def test_pregate_reasons_are_the_verdicts_reasons(tmp_path, name, facts):
             continue
         dump = GENOA if entry["guest_vendor"] in plan.AMD_VENDORS else SPR
         checks = [stored_check(c["id"]) for c in entry["checks"]]
-        probes = {f"idle/{p}": probe(p, []) for p in PROBES}
+        probes = {f"idle/{p}": probe(p, []) for p in PROBES + LIFECYCLE_MEASUREMENTS}
         runs.append(stored_run(entry["profile"], checks, probes, dump, facts["accel"]))
     source = tmp_path / "audit.json"
     source.write_text(json.dumps(document(facts, runs)))
