@@ -39,6 +39,8 @@ class ConsoleLog:
         self._fd = fd
         self.log_path = log_path
         self._buffer = bytearray()
+        #: Bytes read from the stream so far (the buffer keeps the last MAX_BUFFER of them).
+        self._total = 0
         self._eof = False
         self._cond = threading.Condition()
         self._log = open(log_path, "ab", buffering=0)  # noqa: SIM115 - closed by the reader thread at EOF
@@ -61,6 +63,7 @@ class ConsoleLog:
                 self._write_log(chunk)
                 with self._cond:
                     self._buffer += chunk
+                    self._total += len(chunk)
                     if len(self._buffer) > MAX_BUFFER:
                         del self._buffer[: len(self._buffer) - MAX_BUFFER]
                     self._cond.notify_all()
@@ -91,9 +94,16 @@ class ConsoleLog:
             self.write_error = f"{outputs.reason(exc)} after {self.written_bytes} bytes; the rest was not written"
             outputs.record_incomplete(self.log_path, f"serial console: {self.write_error}")
 
-    def text(self) -> str:
+    def text(self, since: int = 0) -> str:
+        """The console text kept in memory; with ``since`` (a :meth:`position`), only what came after it."""
         with self._cond:
-            return self._buffer.decode(errors="replace")
+            start = max(0, since - (self._total - len(self._buffer)))
+            return self._buffer[start:].decode(errors="replace")
+
+    def position(self) -> int:
+        """How many bytes the console has produced so far: a mark for :meth:`text` ``since``."""
+        with self._cond:
+            return self._total
 
     def wait_for(
         self, pattern: str, failures: Iterable[str] = (), timeout_s: float = 60.0, start: int = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -13,14 +14,29 @@ from harness.machine import TMPDIR_PREFIX
 from harness.paths import cache_root
 from tests.helpers import run_cli
 
+#: Set in this process's environment, so every process it starts (the harness CLI, QEMU, perf) inherits it: the leak
+#: check counts only those, not the guests of another self-test run sharing the machine.
+RUN_MARKER = "VPMU_SELFTEST_RUN"
+os.environ.setdefault(RUN_MARKER, str(os.getpid()))
+
+
+def _ours(pid: int) -> bool | None:
+    """Whether process ``pid`` was started by this self-test run (it carries RUN_MARKER); None when it is gone."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    return f"{RUN_MARKER}={os.environ[RUN_MARKER]}".encode() in environ.split(b"\0")
+
 
 def pids_named(prefix: str) -> set[int]:
-    """PIDs of every process whose command name starts with ``prefix`` (read from /proc, not our bookkeeping)."""
+    """PIDs of every process of this run whose command name starts with ``prefix`` (read from /proc, not our
+    bookkeeping)."""
     pids = set()
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if (proc / "comm").read_text().startswith(prefix):
+                if (proc / "comm").read_text().startswith(prefix) and _ours(int(proc.name)):
                     pids.add(int(proc.name))
             except OSError:
                 continue
@@ -35,9 +51,15 @@ def perf_pids() -> set[int]:
     return pids_named("perf")
 
 
+def _launcher_ours(path: Path) -> bool:
+    """A launcher's temp dir (``vpmu-qemu-<pid>-*``) counts unless its launcher runs and is another run's."""
+    pid = path.name[len(TMPDIR_PREFIX) :].split("-", 1)[0]
+    return not pid.isdigit() or _ours(int(pid)) is not False
+
+
 def leftovers() -> set[Path]:
     """Temp dirs the harness creates (launcher dirs, half-built images)."""
-    found = set(Path(tempfile.gettempdir()).glob(f"{TMPDIR_PREFIX}*"))
+    found = {path for path in Path(tempfile.gettempdir()).glob(f"{TMPDIR_PREFIX}*") if _launcher_ours(path)}
     images = cache_root() / "images"
     if images.is_dir():
         found |= set(images.glob(".vpmu-image-*"))

@@ -30,6 +30,7 @@ is 18 processes, 3 at a time.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -312,10 +313,12 @@ def test_matrix_wall_time(matrix):
 # --- the issue's own repro and the frozen-guest bound, outside the matrix -------------------------------------------
 
 
-MID_COMMAND = [(signal.SIGKILL, "killed by signal 9 (SIGKILL)", 5.0), (signal.SIGSTOP, "SIGSTOP", 30.0)]
+#: A SIGTERMed QEMU exits with 0 after saying who sent it (qemu_kill_report): the reason quotes that, not "code 0".
+MID_COMMAND = [(signal.SIGKILL, "killed by signal 9 (SIGKILL)", 5.0), (signal.SIGSTOP, "SIGSTOP", 30.0),
+               (signal.SIGTERM, "terminating on signal 15 from pid", 5.0)]  # fmt: skip
 
 
-@pytest.mark.parametrize(("sig", "words", "bound_s"), MID_COMMAND, ids=["sigkill", "sigstop"])
+@pytest.mark.parametrize(("sig", "words", "bound_s"), MID_COMMAND, ids=["sigkill", "sigstop", "sigterm"])
 def test_exec_notices_qemu_fault_mid_command(guest_image, sig, words, bound_s):
     """`exec -- sleep 60`, then QEMU is killed (or stopped) while the command runs: exec ends at once (a frozen QEMU:
     within the keepalive bound) with the reason and the serial tail, instead of spinning until its 600 s timeout."""
@@ -354,3 +357,30 @@ def test_locked_up_guest_is_noticed_within_30_s(guest_image, accel):
     print(f"\nlocked-up guest noticed after {elapsed:.1f} s: {info.value}", file=sys.stderr)
     assert elapsed < 30
     assert "did not answer an SSH keepalive" in str(info.value) and "paused" in str(info.value)
+
+
+def test_harness_paused_while_a_keepalive_waits_keeps_its_guest(guest_image):
+    """The harness stopped for 13 s (Ctrl-Z, a cgroup freeze) while its keepalive waits on a QEMU that is stopped
+    too, and QEMU continued only after the harness: the keepalive's 10 s deadline passed while the harness could not
+    run, so it asks again instead of declaring the guest dead, and the command ends normally."""
+    from tests.test_exec_cli import start_exec_and_wait_ready
+
+    proc, qemu = start_exec_and_wait_ready(guest_image.directory, "sleep 2; echo done")
+    try:
+        os.kill(qemu, signal.SIGSTOP)
+        time.sleep(3.5)  # the next keepalive (every 3 s) is sent and waits on the stopped QEMU
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(13.0)  # longer than the keepalive's 10 s (+ 2 s slack) deadline
+        os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.5)  # the harness looks at its keepalive before QEMU can answer
+        os.kill(qemu, signal.SIGCONT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        for pid in (proc.pid, qemu):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout == "done\n" and "the harness was paused; asking again" in stderr, stderr[-3000:]
