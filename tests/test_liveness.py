@@ -13,6 +13,7 @@ import resource
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,20 @@ def test_keepalive_asks_twice_before_giving_up():
         keepalive.stop()
     assert transport.requests == 5  # answered, unanswered + answered second, unanswered + unanswered second
     assert keepalive.dead == ("the guest did not answer an SSH keepalive within 0.3 s, nor a second one within 0.2 s")
+
+
+def test_keepalive_does_not_ask_twice_a_machine_known_gone():
+    """QEMU known stopped (or exited) when the first keepalive goes unanswered: no second request is waited for."""
+    transport = _Transport([])
+    keepalive = ssh._Keepalive(transport, interval_s=0.05, timeout_s=0.3, retry_timeout_s=5.0,  # type: ignore[arg-type]
+                               gone=lambda: "QEMU (pid 1) is stopped")  # fmt: skip
+    start = time.monotonic()
+    try:
+        assert transport.closed.wait(10)
+    finally:
+        keepalive.stop()
+    assert time.monotonic() - start < 3 and transport.requests == 1
+    assert keepalive.dead == "the guest did not answer an SSH keepalive within 0.3 s"
 
 
 # --- process states and waits ---------------------------------------------------------------------------------------
