@@ -21,9 +21,12 @@ import pytest
 
 from harness import ssh
 from harness.console import ConsoleLog
+from harness.errors import ImageBuildError
+from harness.image import assemble_rootfs
 from harness.lifetime import ProcessWatch, dies_with_parent, stopped_text, wait_readable
 from harness.loads import HostLoad, LoadSpec
 from harness.machine import PANIC_PATTERNS, QemuMachine, _first_match, console_evidence
+from harness.probes import guest_deadline_s
 from harness.qemu_argv import MachineConfig
 
 #: An oops the kernel survives (panic_on_oops=0), followed by a WARN splat: neither is a panic.
@@ -283,3 +286,21 @@ def test_perf_that_survives_sigkill_is_recorded_not_raised(tmp_path, monkeypatch
         proc.kill()
         subprocess.Popen.wait(proc)
     assert "perf survived SIGKILL for 0.1 s" in result.reason
+
+
+# --- probes in the guest --------------------------------------------------------------------------------------------
+
+
+def test_image_without_timeout_applet_is_refused(tmp_path):
+    """Every probe runs under the guest's ``timeout -s KILL``: a busybox without that applet fails the image build
+    with the package to install, instead of every probe failing with 'timeout: not found'."""
+    busybox = tmp_path / "busybox"
+    busybox.write_text("#!/bin/sh\nprintf 'bin/sh\\nbin/ls\\nsbin/init\\n'\n")
+    busybox.chmod(0o755)
+    with pytest.raises(ImageBuildError, match=r"has no applet timeout, .* install the Debian package busybox-static"):
+        assemble_rootfs(tmp_path, "6.1.0", {"busybox": busybox}, "ssh-ed25519 AAAA x", b"key")
+
+
+@pytest.mark.parametrize(("timeout_s", "guest_s"), [(120.0, 115), (7.0, 2), (2.0, 1), (5.5, 1)])
+def test_guest_kills_a_probe_before_the_harness_gives_up(timeout_s, guest_s):
+    assert guest_deadline_s(timeout_s) == guest_s and guest_s < timeout_s
