@@ -56,7 +56,8 @@ FATAL_RE = re.compile(r"Oops|BUG:")
 #: words (a panic line printed just before QEMU exited) are read before they are looked for.
 CONSOLE_DRAIN_S = 2.0
 #: Deadline of one QMP command (seconds). QEMU answers in milliseconds, also under TCG on a loaded host; one that
-#: does not answer in this time is frozen (SIGSTOP, a deadlocked main loop) and is treated as gone.
+#: does not answer in this time, nor a query-status within PING_TIMEOUT_S after it, is frozen (a deadlocked main
+#: loop) and is treated as gone until it answers again.
 DEFAULT_QMP_TIMEOUT_S = 10.0
 #: Deadline of QMP's greeting and capabilities negotiation right after launch.
 QMP_CONNECT_TIMEOUT_S = 20.0
