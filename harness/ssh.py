@@ -79,6 +79,10 @@ class Peer(Protocol):
         """Like gone(), but also ask the machine (QMP query-status, bounded): None when the guest is running."""
         ...
 
+    def console_evidence(self) -> list[str]:
+        """The guest console's lines of a kernel in trouble (oops, BUG, WARN, soft lockup, RCU stall, hung task)."""
+        ...
+
 
 @dataclass(frozen=True)
 class CommandResult:
@@ -376,7 +380,9 @@ class GuestSession:
         if problem is not None:
             return f"{problem} ({dead})" if dead else problem
         if dead is not None:
-            return f"{dead} while QEMU runs it (QMP query-status answers): the guest kernel is locked up or starved"
+            text = f"{dead} while QEMU runs it (QMP query-status answers): the guest kernel is locked up or starved"
+            evidence = self.peer.console_evidence() if self.peer is not None else []
+            return text + (f"; the guest console showed: {' | '.join(evidence[-3:])}" if evidence else "")
         if self._client is None:
             return "the session was closed"
         return "the guest closed the SSH connection (its sshd died?) while QEMU runs it"

@@ -226,3 +226,19 @@ def test_console_trouble_during_a_probe_is_evidence_and_an_oops_loses_the_guest(
     run.probe("selftest_kmsg", {"line": "Oops: 0002 [#1] vpmu self-test", "rc": 0}, key="oops")
     assert "oopsed during probe selftest_kmsg: " in (run.lost() or "") and "Oops: 0002" in (run.lost() or "")
     assert guest.machine.gone() is None  # the machine itself is fine: only this run stops trusting its kernel
+
+
+def test_starved_guest_names_the_console_evidence(config):
+    """The session's sshd stops answering while QEMU runs the guest (here: the guest stops it, as a starved or
+    locked-up kernel would), after the kernel printed a soft-lockup line: the error says the guest is locked up or
+    starved and quotes that line."""
+    with boot_guest(config) as booted:
+        lockup = "watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [vpmu-selftest:1]"
+        start = time.monotonic()
+        with pytest.raises(SshError) as info:
+            booted.ssh.run(f"echo '<1>{lockup}' > /dev/kmsg; kill -STOP $PPID; sleep 60", timeout_s=120)
+        elapsed = time.monotonic() - start
+    assert elapsed < 30
+    reason = str(info.value)
+    assert "the guest kernel is locked up or starved" in reason, reason
+    assert "the guest console showed: [" in reason and lockup in reason, reason
