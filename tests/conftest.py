@@ -21,12 +21,34 @@ os.environ.setdefault(RUN_MARKER, str(os.getpid()))
 
 
 def _ours(pid: int) -> bool | None:
-    """Whether process ``pid`` was started by this self-test run (it carries RUN_MARKER); None when it is gone."""
+    """Whether process ``pid`` is this self-test run or was started by it (it carries RUN_MARKER; /proc shows the
+    environment a process started with, so this process itself is recognised by its pid); None when it is gone."""
+    if pid == os.getpid():
+        return True
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
         return None
     return f"{RUN_MARKER}={os.environ[RUN_MARKER]}".encode() in environ.split(b"\0")
+
+
+def listeners(port: int) -> dict[int, bool | None]:
+    """The processes listening on TCP port ``port`` (IPv4), each with whether it is this run's (see _ours)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: TCP_LISTEN
+            inodes.add(f"socket:[{fields[9]}]")
+    found: dict[int, bool | None] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                found[int(proc.name)] = _ours(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 def pids_named(prefix: str) -> set[int]:
