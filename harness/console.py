@@ -39,7 +39,7 @@ class ConsoleLog:
         self._fd = fd
         self.log_path = log_path
         self._buffer = bytearray()
-        #: Bytes dropped from the front of the buffer (MAX_BUFFER): offsets given to wait_for are absolute.
+        #: Bytes dropped from the front of the buffer (MAX_BUFFER): offsets (position, wait_for, text) are absolute.
         self._dropped = 0
         self._eof = False
         self._cond = threading.Condition()
@@ -94,12 +94,15 @@ class ConsoleLog:
             self.write_error = f"{outputs.reason(exc)} after {self.written_bytes} bytes; the rest was not written"
             outputs.record_incomplete(self.log_path, f"serial console: {self.write_error}")
 
-    def text(self) -> str:
+    def text(self, since: int = 0) -> str:
+        """The console text kept in memory; with ``since`` (a :meth:`position`), only what came after it."""
         with self._cond:
-            return self._buffer.decode(errors="replace")
+            start = max(0, since - self._dropped)
+            return self._buffer[start:].decode(errors="replace")
 
     def position(self) -> int:
-        """The absolute offset of the next console byte (a later ``wait_for(start=...)`` sees only what follows)."""
+        """The absolute offset of the next console byte: a mark for a later :meth:`text` ``since`` or
+        ``wait_for(start=...)``, which see only what follows."""
         with self._cond:
             return self._dropped + len(self._buffer)
 

@@ -502,6 +502,11 @@ def _generate_keys(work: Path) -> tuple[bytes, str, bytes, str]:
     return private, public + " vpmu-harness", host_key.read_bytes(), " ".join(host_public.split()[:2])
 
 
+#: busybox applets the harness runs in the guest besides the shell and what init needs: every probe runs under
+#: ``timeout -s KILL`` (harness.probes GUEST_KILL_MARGIN_S).
+REQUIRED_APPLETS = ("timeout",)
+
+
 def assemble_rootfs(
     kernel_root: Path, release: str, binaries: dict[str, Path], client_public: str, host_key: bytes
 ) -> tuple[RootfsBuilder, list[str]]:
@@ -513,6 +518,11 @@ def assemble_rootfs(
     fs.directory("root/.ssh", 0o700)
     fs.binary(binaries["busybox"], "bin/busybox")
     applets = _run([str(binaries["busybox"]), "--list-full"], "listing busybox applets").split()
+    missing = sorted(set(REQUIRED_APPLETS) - {Path(applet).name for applet in applets})
+    if missing:
+        raise ImageBuildError(f"{binaries['busybox']} has no applet {', '.join(missing)}, which the harness runs in "
+                              "the guest (probes run under `timeout -s KILL`); install the Debian package "
+                              "busybox-static")  # fmt: skip
     for applet in applets:
         fs.symlink(applet, "/bin/busybox")
     fs.binary(binaries["dropbear"], "usr/sbin/dropbear")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import select
 import signal
@@ -20,6 +21,9 @@ from typing import Any
 LOG = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
+#: libc's prctl(2), looked up once here: the lookup (a dlopen) must not run between fork and exec, where another
+#: thread of the harness (paramiko, the console reader) may hold the loader's lock in the parent.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
 
 #: The phases the harness announces, in the order a run meets them (README "Bounds": the bound of each).
 PHASES = (
@@ -43,10 +47,42 @@ PhaseObserver = Callable[[str, dict[str, Any]], None]
 _observers: list[PhaseObserver] = []
 
 
-def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Ask the kernel to SIGKILL the child when the launching thread dies (``preexec_fn`` of Popen), so it is
-    gone even when the harness itself is SIGKILLed and no cleanup of ours can run."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def dies_with_parent() -> Callable[[], None]:
+    """The ``preexec_fn`` of a Popen whose child must not outlive the harness: it asks the kernel to SIGKILL the
+    child when the launching thread dies, so it is gone even when the harness itself is SIGKILLed and no cleanup of
+    ours can run. A parent that died before the request (the child was already re-parented) ends the child at once.
+    Call it in the parent: it records the parent's pid."""
+    parent = os.getpid()
+
+    def preexec() -> None:  # pragma: no cover - runs in the child between fork and exec
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+def wait_readable(fds: list[int], timeout_s: float | None) -> list[int]:
+    """The descriptors of ``fds`` that are readable, waiting up to ``timeout_s`` seconds (None: forever) for one.
+    poll(2), not select(2): select cannot take a descriptor numbered 1024 or higher (ValueError)."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    # Rounded up: a wait that ends a fraction of a millisecond early would make its caller loop once more for nothing.
+    timeout_ms = None if timeout_s is None else max(0, math.ceil(timeout_s * 1000))
+    return [fd for fd, _events in poller.poll(timeout_ms)]
+
+
+def stopped_text(state: str | None) -> str | None:
+    """What a process state from :func:`process_state` says about a process that cannot run: ``T`` stopped by a
+    signal (SIGSTOP, SIGTSTP), ``t`` stopped by a debugger (ptrace); None for any other state."""
+    if state is None:
+        return None
+    if state.startswith("T"):
+        return f"stopped (process state {state}: SIGSTOP?)"
+    if state.startswith("t"):
+        return f"stopped by a debugger (process state {state}: traced)"
+    return None
 
 
 def phase(name: str, **context: Any) -> None:
@@ -114,7 +150,7 @@ class ProcessWatch:
                 return self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 return None
-        select.select([self._fd], [], [], timeout_s)
+        wait_readable([self._fd], timeout_s)
         return self.proc.poll()
 
     def close(self) -> None:

@@ -13,6 +13,8 @@ harness), its output kept in the load's log directory. Before starting:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import shutil
@@ -26,11 +28,12 @@ from typing import Any
 from harness import mediated_probe
 from harness.datafiles import check_table, read_toml
 from harness.errors import UsageError
-from harness.lifetime import die_with_parent, exit_text, phase
+from harness.lifetime import dies_with_parent, exit_text, phase, process_state
 from harness.mux_sweep import MuxGuard, restore_stale
 from harness.paths import GUEST_TESTS_DIR
 from harness.perf_output import SampleCounter, error_message, event_key, parse_stat_csv, record_samples, summarize
 
+LOG = logging.getLogger(__name__)
 DEFAULT_LOADS_FILE = GUEST_TESTS_DIR / "loads.toml"
 IDLE = "idle"
 LOAD_KEYS: dict[str, tuple[type, bool, str]] = {
@@ -473,7 +476,7 @@ class HostLoad:
         self.launched = time.monotonic()
         with open(self._out_path, "wb") as out:
             self._proc = subprocess.Popen([perf, *argv[1:]], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                          start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
+                                          start_new_session=True, preexec_fn=dies_with_parent())  # fmt: skip
         self.result.output = str(self._out_path)
         try:
             phase("load_start", load=self)
@@ -630,20 +633,33 @@ class HostLoad:
                     self.result.mux = self._mux.restore()
         return result
 
+    def _end(self, proc: subprocess.Popen[Any]) -> None:
+        """SIGINT, then SIGKILL after STOP_TIMEOUT_S; a perf that outlives even SIGKILL by STOP_TIMEOUT_S (stuck in
+        the kernel, e.g. writing to a hung disk) is recorded as such and left to the kernel, not waited for."""
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(STOP_TIMEOUT_S)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        except ProcessLookupError:  # already gone: reap it below
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            why = f"perf survived SIGKILL for {STOP_TIMEOUT_S:g} s (process state {process_state(proc.pid)})"
+            LOG.error("host load %s: %s", self.spec.name, why)
+            self.result.reason = f"{self.result.reason}; {why}" if self.result.reason else why
+
     def _stop(self) -> LoadResult:
         begin = time.monotonic()
         proc = self._proc
         if proc is not None:
             self.snapshot()  # marks a load that died during the group
             if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGINT)
-                    proc.wait(STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(STOP_TIMEOUT_S)
-                except ProcessLookupError:
-                    proc.wait(STOP_TIMEOUT_S)
+                self._end(proc)
             self.result.returncode = proc.returncode
             text = self._out_path.read_text(errors="replace")
             if self._samples is not None:

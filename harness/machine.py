@@ -6,9 +6,12 @@ idempotent and also runs after a failed launch; QEMU additionally gets PR_SET_PD
 harness even if the harness is SIGKILLed. Modelled on QEMU's python/qemu/machine/machine.py.
 
 Every wait ends on an event or a deadline, and also as soon as QEMU is gone: QEMU's exit is a pidfd the waits
-select on (``exit_fd``), every QMP command has a deadline, and a QMP command that goes unanswered marks QEMU as
-frozen (``gone`` then says so, and every later QMP call fails at once). The guest's SSH session
-(harness.ssh.GuestSession) asks the machine the same questions through ``exit_fd``, ``gone`` and ``check``.
+select on (``exit_fd``), a QEMU the kernel holds stopped is seen in /proc at once, and every QMP command has a
+deadline. A command that goes unanswered is followed by one ``query-status``: a QEMU that answers that was merely
+slow; one that does not counts as frozen (``gone`` then says so and later QMP calls fail at once) until it answers
+again (:meth:`QemuMachine.check` still asks). Best-effort reads (VM exits, vCPU threads) never mark QEMU frozen. The
+guest's SSH session (harness.ssh.GuestSession) asks the machine the same questions through ``exit_fd``, ``gone`` and
+``check``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from harness.console import ConsoleLog, ConsoleMatch
 from harness.errors import AbnormalShutdown, BootError, LaunchError, tail
 from harness.image import READY_MARKER
-from harness.lifetime import ProcessWatch, die_with_parent, exit_text, phase, process_state
+from harness.lifetime import ProcessWatch, dies_with_parent, exit_text, phase, process_state, stopped_text
 from harness.qemu_argv import MachineConfig, build_argv, image_files
 
 LOG = logging.getLogger(__name__)
@@ -44,10 +47,20 @@ LOG = logging.getLogger(__name__)
 # what it raises, with QEMU's exit status.
 logging.getLogger("qemu.qmp.protocol").setLevel(logging.CRITICAL)
 
-#: Console lines that mean the guest kernel died; a boot wait ends at once on any of them.
-PANIC_PATTERNS = (r"Kernel panic - not syncing[^\n]*", r"BUG: kernel NULL pointer[^\n]*", r"---\[ end trace[^\n]*")
+#: The console line of a guest kernel that died (kernel/panic.c panic()); a boot wait ends at once on it. An oops or
+#: a WARN splat is not a death: with panic_on_oops=0 the kernel kills the task and goes on (see TROUBLE_RE).
+PANIC_PATTERNS = (r"Kernel panic - not syncing[^\n]*",)
+#: Console lines of a guest kernel in trouble that goes on running: quoted as evidence, never as the cause of an end.
+TROUBLE_RE = re.compile(r"^[^\n]*(?:Oops|BUG:|WARNING:|soft lockup|rcu[^\n]*stall|hung_task)[^\n]*$", re.MULTILINE)
+#: Of those, the lines after which the guest kernel cannot be trusted to run further probes (an oops or BUG:
+#: it killed a task, maybe holding locks).
+FATAL_RE = re.compile(r"Oops|BUG:")
+#: Seconds exit_reason() waits for the console reader to reach EOF (QEMU is dead: at once), so the guest's last
+#: words (a panic line printed just before QEMU exited) are read before they are looked for.
+CONSOLE_DRAIN_S = 2.0
 #: Deadline of one QMP command (seconds). QEMU answers in milliseconds, also under TCG on a loaded host; one that
-#: does not answer in this time is frozen (SIGSTOP, a deadlocked main loop) and is treated as gone.
+#: does not answer in this time, nor a query-status within PING_TIMEOUT_S after it, is frozen (a deadlocked main
+#: loop) and is treated as gone until it answers again.
 DEFAULT_QMP_TIMEOUT_S = 10.0
 #: Deadline of QMP's greeting and capabilities negotiation right after launch.
 QMP_CONNECT_TIMEOUT_S = 20.0
@@ -79,6 +92,20 @@ def sweep_stale_tmpdirs(root: Path | None = None) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
+
+
+def _first_match(patterns: tuple[str, ...], text: str) -> str | None:
+    for pattern in patterns:
+        found = re.search(pattern, text)
+        if found:
+            return found.group(0).strip()
+    return None
+
+
+def console_evidence(text: str) -> list[str]:
+    """The lines of ``text`` (console output) that show a guest kernel in trouble: oops, BUG, WARN splat, soft
+    lockup, RCU stall, hung task (TROUBLE_RE), stripped."""
+    return [line.strip() for line in TROUBLE_RE.findall(text)]
 
 
 class _Monitor(QEMUMonitorProtocol):
@@ -136,8 +163,13 @@ class QemuMachine:
         self._proc: subprocess.Popen[bytes] | None = None
         self._watch: ProcessWatch | None = None
         self._qmp: _Monitor | None = None
-        #: Why QEMU counts as frozen (a QMP command went unanswered); None while it answers.
+        #: Why QEMU counts as frozen (a QMP command and the query-status after it went unanswered); None again as
+        #: soon as it answers a command.
         self._frozen: str | None = None
+        #: Why the QMP connection broke while QEMU runs (it cannot be mended); None while it works.
+        self._qmp_lost: str | None = None
+        #: The harness asked QEMU to end (QMP quit): its exit is then no news to quote QEMU's log for.
+        self._quit_sent = False
         #: The guest's run state from the last query-status (check()).
         self.last_status: str | None = None
         self._console: ConsoleLog | None = None
@@ -195,7 +227,7 @@ class QemuMachine:
                     stderr=qemu_log,
                     pass_fds=(theirs.fileno(),),
                     start_new_session=True,  # a terminal Ctrl-C reaches the harness, which shuts QEMU down
-                    preexec_fn=die_with_parent,
+                    preexec_fn=dies_with_parent(),
                     env={**os.environ, "LC_ALL": "C"},  # errors in the C locale's words, which verdicts match
                 )
         finally:
@@ -235,7 +267,7 @@ class QemuMachine:
         try:
             if self.config.image is not None:
                 phase("shutdown", machine=self)
-            if self._proc.poll() is None and self._frozen is None:
+            if self._proc.poll() is None and self.gone() is None:
                 unanswered = self._soft_shutdown(timeout_s)
         finally:
             self._post_shutdown()
@@ -244,16 +276,27 @@ class QemuMachine:
                                    f"({unanswered})")  # fmt: skip
 
     def _soft_shutdown(self, timeout_s: float) -> str | None:
-        """QMP ``quit``, then wait for the exit; return None once QEMU exited, else what was seen (it is killed)."""
+        """QMP ``quit``, then wait for the exit; return None once QEMU exited, else what was seen (it is killed).
+
+        A QEMU that answered ``quit`` but is slow to exit (vCPUs slow to pause on a starved host) is killed with a
+        warning, not an error: it did what was asked."""
         assert self._proc is not None and self._watch is not None
         deadline = time.monotonic() + timeout_s
+        self._quit_sent = True
+        answered = False
         try:
-            self.qmp("quit", timeout_s=min(timeout_s, PING_TIMEOUT_S))
+            self.qmp("quit", timeout_s=min(timeout_s, PING_TIMEOUT_S), record_frozen=False)
+            answered = True
         except (QMPError, BootError) as exc:
             LOG.debug("QMP quit: %s (QEMU may already be exiting)", exc)
         if self._watch.wait(max(0.0, deadline - time.monotonic())) is not None:
             return None
-        return self._frozen or f"process state {process_state(self._proc.pid)}"
+        state = process_state(self._proc.pid)
+        if answered:
+            LOG.warning("QEMU (pid %d) answered 'quit' but had not exited %.0f s later (process state %s); killing it",
+                        self._proc.pid, timeout_s, state)  # fmt: skip
+            return None
+        return self._frozen or f"process state {state}"
 
     def _hard_shutdown(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -316,22 +359,30 @@ class QemuMachine:
 
     def gone(self) -> str | None:
         """Why QEMU can no longer serve the guest, without blocking: it exited (how: code, signal, a guest panic; it
-        is reaped here), the kernel holds it stopped, or it stopped answering QMP; None while it runs and answered
-        its last QMP command."""
+        is reaped here), the kernel holds it stopped right now (read from /proc at each call: a QEMU continued after
+        SIGSTOP is back), its QMP connection broke, or it counts as frozen (see :meth:`qmp`); None otherwise."""
+        return self._unreachable() or self._frozen
+
+    def _unreachable(self) -> str | None:
+        """gone() without the frozen mark: what a new question to QEMU cannot get past."""
         if self._proc is None:
             return "QEMU is not running"
         if self._proc.poll() is not None:
             return self.exit_reason()
-        return self._stopped()
+        return self._stopped() or self._qmp_lost
 
     def check(self, timeout_s: float = PING_TIMEOUT_S) -> str | None:
-        """Ask QEMU whether it still serves the guest (QMP ``query-status`` within ``timeout_s`` seconds): None when
-        the guest is running; otherwise why not (exited, frozen, the guest panicked or is paused)."""
-        problem = self.gone()
+        """Ask QEMU whether it still serves the guest (QMP ``query-status`` within ``timeout_s`` seconds, and once
+        more within PING_TIMEOUT_S when that goes unanswered): None when the guest is running; otherwise why not
+        (exited, stopped, frozen, the guest panicked or is paused). A QEMU that counts as frozen is asked again: an
+        answer clears the mark."""
+        problem = self._unreachable()
         if problem is not None:
             return problem
+        if self._qmp is None:
+            return "QMP is not connected"
         try:
-            status = self.qmp("query-status", timeout_s=timeout_s)
+            status = self._execute("query-status", {}, timeout_s, record_frozen=True)
         except BootError as exc:
             return exc.reason
         except QMPError as exc:
@@ -351,26 +402,41 @@ class QemuMachine:
         text = f"QEMU (pid {self._proc.pid}) {exit_text(rc)}"
         if self._user_killed:
             text += " by the harness"
-        panic = self._panic_line()
+        if self._console is not None:
+            # The pidfd can wake a waiter before the reader thread has read the console's last chunk; QEMU is dead,
+            # so the reader reaches EOF at once.
+            self._console.close(CONSOLE_DRAIN_S)
+        serial = self.serial_text()
+        # A panicking guest ends QEMU with 0 (panic=-1 reboots, -no-reboot turns that into an exit); QEMU killed or
+        # failing afterwards was not ended by the panic.
+        panic = _first_match(PANIC_PATTERNS, serial) if rc == 0 else None
         if panic:
-            text = f"the guest kernel panicked ({panic}) and {text}"
-        elif rc > 0:
+            return f"the guest kernel panicked ({panic}) and {text}"
+        if not (self._user_killed or self._quit_sent):
+            # Not the harness's doing: QEMU's own words say who ended it ("terminating on signal 15 from pid N")
+            # or what failed; an exit with 0 is also a guest reset or poweroff (-no-reboot).
             output = self._read_qemu_log().strip()
             if output:
                 text += f"; QEMU said: {tail(output, 3)}"
+            elif rc == 0:
+                text += " (QEMU said nothing: the guest reset or powered off?)"
+        trouble = console_evidence(serial)
+        if trouble:
+            text += f"; the guest console showed: {' | '.join(trouble[-3:])}"
         return text
 
-    def _panic_line(self) -> str | None:
-        serial = self.serial_text()
-        for pattern in PANIC_PATTERNS:
-            found = re.search(pattern, serial)
-            if found:
-                return found.group(0).strip()
-        return None
+    def serial_text(self, since: int = 0) -> str:
+        """The console output so far (after shutdown: all of it, up to the in-memory cap); with ``since`` (a
+        :meth:`console_position`), only what came after it."""
+        if self._console and self._proc:
+            return self._console.text(since)
+        return self._final_serial[since:] if since else self._final_serial
 
-    def serial_text(self) -> str:
-        """The console output so far (after shutdown: all of it, up to the in-memory cap)."""
-        return self._console.text() if self._console and self._proc else self._final_serial
+    def console_position(self) -> int:
+        """A mark in the console output, for :meth:`serial_text` ``since``."""
+        if self._console and self._proc:
+            return self._console.position()
+        return len(self._final_serial)
 
     def serial_tail(self, lines: int = 30) -> str:
         return tail(self.serial_text(), lines)
@@ -385,55 +451,91 @@ class QemuMachine:
         """QEMU's own stderr (warnings such as 'TCG doesn't support requested feature')."""
         return self._read_qemu_log()
 
-    def qmp(self, command: str, timeout_s: float = DEFAULT_QMP_TIMEOUT_S, **args: Any) -> Any:
+    def qmp(self, command: str, timeout_s: float = DEFAULT_QMP_TIMEOUT_S, record_frozen: bool = True,
+            **args: Any) -> Any:  # fmt: skip
         """Run a QMP command and return its ``return`` value, waiting at most ``timeout_s`` seconds.
 
+        :param record_frozen: a command left unanswered marks QEMU frozen when the ``query-status`` sent after it
+            (PING_TIMEOUT_S) goes unanswered too; False for best-effort reads, which never condemn the machine (no
+            second question either).
         :raises qemu.qmp.ExecuteError: QEMU answered with an error (its ``desc`` is the message).
-        :raises BootError: QEMU is not running, exited during the command, or did not answer within ``timeout_s``
-            (then it counts as frozen: :meth:`gone` says so and every later call fails at once); the reason names
-            what happened, the serial tail is attached.
+        :raises BootError: QEMU is not running, is stopped, counts as frozen, exited during the command, or did not
+            answer within ``timeout_s``; the reason names what happened, the serial tail is attached.
         """
         problem = self.gone()
         if self._qmp is None or problem is not None:
             raise BootError(f"QMP {command}: {problem or 'QMP is not connected'}", self.serial_tail())
+        return self._execute(command, args, timeout_s, record_frozen)
+
+    def _execute(self, command: str, args: dict[str, Any], timeout_s: float, record_frozen: bool) -> Any:
+        """qmp() past its gate: any answer (also an error) clears the frozen mark."""
+        assert self._qmp is not None
         try:
-            return self._qmp.execute(command, args, timeout_s)
+            result = self._qmp.execute(command, args, timeout_s)
         except ExecuteError:
+            self._frozen = None
             raise
         except TimeoutError:
-            reason = self._unanswered(f"QMP '{command}'", timeout_s)
+            reason = self._unanswered(f"QMP '{command}'", timeout_s, record_frozen)
         except (QMPError, OSError, EOFError) as exc:
             reason = self._lost(f"QMP '{command}'", exc)
+        else:
+            self._frozen = None
+            return result
         raise BootError(reason, self.serial_tail())
 
     def _stopped(self) -> str | None:
-        """A QEMU the kernel holds stopped (SIGSTOP, a debugger) cannot answer: say so at once (and remember it)
-        instead of waiting for a QMP deadline."""
+        """A QEMU the kernel holds stopped (SIGSTOP; a debugger: ptrace) cannot answer: say so at once instead of
+        waiting for a QMP deadline. Read anew at each call: a QEMU continued (SIGCONT, the debugger detached) runs
+        again."""
         assert self._proc is not None
-        state = process_state(self._proc.pid)
-        if state is not None and state.startswith("T"):
-            self._frozen = f"QEMU (pid {self._proc.pid}) is stopped (process state {state}: SIGSTOP?)"
-        return self._frozen
+        stopped = stopped_text(process_state(self._proc.pid))
+        return f"QEMU (pid {self._proc.pid}) is {stopped}" if stopped else None
 
-    def _unanswered(self, what: str, timeout_s: float) -> str:
-        """``what`` got no answer in time: QEMU exited meanwhile, or it is frozen (recorded for gone())."""
-        assert self._proc is not None
+    def _unanswered(self, what: str, timeout_s: float, record_frozen: bool) -> str:
+        """``what`` got no answer in time. QEMU exited meanwhile or is stopped: say so. Else, with
+        ``record_frozen``, ask ``query-status`` once more: qemu.qmp drops the late answer of the abandoned command
+        (its id is unknown), so the connection still works, and a QEMU that answers was only slow; one that does
+        not is marked frozen (gone() says so until it answers again)."""
+        assert self._proc is not None and self._qmp is not None
         if self._proc.poll() is not None:
             return self.exit_reason()
-        state = process_state(self._proc.pid)
-        self._frozen = f"QEMU (pid {self._proc.pid}) stopped answering QMP: {what} got no answer within " \
-                       f"{timeout_s:g} s; process state {state}"  # fmt: skip
-        if state and state.startswith("T"):
-            self._frozen += " (SIGSTOP?)"
-        return self._frozen
+        stopped = self._stopped()
+        if stopped is not None:
+            return f"{what} got no answer within {timeout_s:g} s: {stopped}"
+        slow = f"QEMU (pid {self._proc.pid}) did not answer {what} within {timeout_s:g} s"
+        if not record_frozen:
+            return f"{slow} (a best-effort read: QEMU is not counted as frozen)"
+        try:
+            self._qmp.execute("query-status", {}, PING_TIMEOUT_S)
+        except TimeoutError:
+            if self._proc.poll() is not None:
+                return self.exit_reason()
+            stopped = self._stopped()
+            if stopped is not None:
+                return f"{what} got no answer within {timeout_s:g} s: {stopped}"
+            self._frozen = f"QEMU (pid {self._proc.pid}) stopped answering QMP: {what} got no answer within " \
+                           f"{timeout_s:g} s, nor the query-status after it within {PING_TIMEOUT_S:g} s; process " \
+                           f"state {process_state(self._proc.pid)}"  # fmt: skip
+            return self._frozen
+        except ExecuteError:
+            pass  # an answer all the same
+        except (QMPError, OSError, EOFError) as exc:
+            return self._lost("QMP 'query-status'", exc)
+        self._frozen = None
+        return f"{slow} (it answered the query-status after it: slow, not frozen)"
 
     def _lost(self, what: str, exc: BaseException) -> str:
         """QMP broke during ``what``: usually QEMU exited (its socket closes before it can be reaped)."""
         assert self._watch is not None
         if self._watch.wait(2.0) is not None:
             return self.exit_reason()
-        self._frozen = f"QMP connection lost during {what} ({type(exc).__name__}: {exc}) while QEMU runs"
-        return self._frozen
+        self._qmp_lost = f"QMP connection lost during {what} ({type(exc).__name__}: {exc}) while QEMU runs"
+        return self._qmp_lost
+
+    def console_evidence(self, since: int = 0) -> list[str]:
+        """The console's lines of a guest kernel in trouble (TROUBLE_RE) after ``since`` (a console_position)."""
+        return console_evidence(self.serial_text(since))
 
     def ssh_port(self) -> int:
         """Return the host port slirp bound for the guest's port 22 (read from ``info usernet``)."""

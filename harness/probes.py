@@ -30,6 +30,10 @@ PROBES_DIR = GUEST_TESTS_DIR / "probes"
 CFLAGS = ("-static", "-O2", "-Wall", "-fno-strict-aliasing")
 GUEST_PROBE_DIR = "/tmp/vpmu-probes"
 DEFAULT_PROBE_TIMEOUT_S = 120.0
+#: The guest kills a probe (busybox ``timeout -s KILL``) this many seconds before the harness gives up on it: dropbear
+#: does not kill a command without a pty when its channel closes (svr-chansession.c), so a probe the harness
+#: abandoned would otherwise keep spinning on its pinned vCPU and skew what runs after it.
+GUEST_KILL_MARGIN_S = 5.0
 #: Exit status dropbear/the guest shell reports for a process killed by signal N is 128 + N.
 SIGNAL_BASE = 128
 
@@ -165,6 +169,11 @@ def parse_records(name: str, stdout: str, stderr: str = "") -> list[dict[str, An
     return records[:-1]
 
 
+def guest_deadline_s(timeout_s: float) -> int:
+    """Whole seconds the guest's ``timeout -s KILL`` gives a probe the harness waits ``timeout_s`` for."""
+    return max(1, int(timeout_s - GUEST_KILL_MARGIN_S))
+
+
 @dataclass
 class ProbeRunner:
     """Builds probes and runs them in one guest; a probe binary is copied into the guest once."""
@@ -183,8 +192,9 @@ class ProbeRunner:
     ) -> ProbeRun:
         """Build (cached), copy (once per guest) and run a probe pinned to ``cpu``; return its records.
 
-        :param timeout_s: seconds the probe may run; a guest or QEMU that dies, freezes or drops the session ends the
-            run earlier with the session's SshError (harness.ssh: at once, or within its keepalive bound).
+        :param timeout_s: seconds the probe may run; the guest kills it GUEST_KILL_MARGIN_S earlier (so it never
+            outlives the harness's wait); a guest or QEMU that dies, freezes or drops the session ends the run
+            earlier with the session's SshError (harness.ssh: at once, or within its keepalive bound).
         :raises ProbeError: compile failure, crash (signal or non-zero exit), timeout, garbage or truncated output.
         :raises SshError: the copy or the run lost the guest (the reason names how).
         """
@@ -199,15 +209,19 @@ class ProbeRunner:
             copy_s = time.monotonic() - start
             self._copied.add(remote)
         # "; exit $?" keeps the guest shell as the probe's parent (no exec), so a probe killed by a signal
-        # reports 128 + N instead of an SSH exit-signal paramiko does not surface.
-        command = shlex.join([remote, str(cpu), *args]) + "; exit $?"
+        # reports 128 + N instead of an SSH exit-signal paramiko does not surface. busybox timeout execs the probe
+        # (same pid) and kills it from a forked watcher.
+        guest_s = guest_deadline_s(timeout_s)
+        command = shlex.join(["timeout", "-s", "KILL", str(guest_s), remote, str(cpu), *args]) + "; exit $?"
         try:
             result = self.session.run(command, timeout_s=timeout_s, phase="probe_run")
         except GuestCommandError as exc:
             raise ProbeError(name, exc.reason, exc.stderr) from exc
         if result.rc != 0:
             why = f"exit code {result.rc}"
-            if result.rc > SIGNAL_BASE:
+            if result.rc == SIGNAL_BASE + 9 and result.duration_s >= guest_s:
+                why = f"timeout after {guest_s} s (killed in the guest by timeout -s KILL)"
+            elif result.rc > SIGNAL_BASE:
                 why = f"killed by signal {result.rc - SIGNAL_BASE}"
             elif result.rc < 0:
                 why = "terminated by a signal (no exit status)"

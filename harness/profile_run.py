@@ -31,7 +31,7 @@ from harness.expectations import Context, Expectation
 from harness.guest import Guest, boot_guest
 from harness.guest_view import ENUM_MSRS, GuestView, kernel_pmu_facts, view_from
 from harness.image import Image
-from harness.machine import QemuMachine
+from harness.machine import FATAL_RE, QemuMachine
 from harness.probe_params import lifecycle_params
 from harness.probes import ProbeError, ProbeRun, ProbeRunner
 from harness.profiles import Profile
@@ -130,6 +130,8 @@ class ProfileRun(RunExpectations):
     _stack: contextlib.ExitStack | None = None
     _runner: ProbeRunner | None = None
     _probes: dict[str, ProbeRun | ProbeError] = field(default_factory=dict)
+    #: Why the guest kernel cannot be trusted with another probe (an oops or BUG during one); cleared by a reboot.
+    _oopsed: str | None = None
     #: Every probe run by memo key (kept across reboots, unlike ``_probes``), for results.json.
     probe_log: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Branch maps the checks asked for, by probe memo key.
@@ -172,6 +174,7 @@ class ProfileRun(RunExpectations):
                 self.boot_error = str(exc)
             raise
         self._guest = guest
+        self._oopsed = None
         self.boot_s = time.monotonic() - start
         self._runner = ProbeRunner(guest.ssh)
         self._probes.clear()
@@ -251,10 +254,11 @@ class ProfileRun(RunExpectations):
 
     def lost(self) -> str | None:
         """Why the booted guest can no longer run probes (QEMU exited, stopped or frozen; the guest stopped answering
-        SSH), without blocking; None while it can (a guest whose sshd dropped the session can: it is reconnected)."""
+        SSH; its kernel oopsed during a probe), without blocking; None while it can (a guest whose sshd dropped the
+        session can: it is reconnected)."""
         if self._guest is None:
             return None
-        return self._guest.machine.gone() or self._guest.ssh.unanswered
+        return self._guest.machine.gone() or self._guest.ssh.unanswered or self._oopsed
 
     def ensure_alive(self) -> None:
         """Reboot a guest that is :meth:`lost` (at most MAX_REBOOTS times).
@@ -289,6 +293,8 @@ class ProfileRun(RunExpectations):
         if cached is None:
             self.ensure_alive()
             assert self._runner is not None
+            machine = self.guest.machine
+            since = machine.console_position()
             try:
                 cached = self._runner.run(name, params, cpu=cpu)
                 self.probe_timings[key] = {"run_s": round(cached.duration_s, 3), "copy_s": round(cached.copy_s, 3)}
@@ -301,6 +307,7 @@ class ProfileRun(RunExpectations):
                 text = str(exc) if isinstance(exc, BootError) else \
                     f"{exc}\n--- serial log (tail) ---\n{self.guest.machine.serial_tail()}"  # fmt: skip
                 cached = ProbeError(name, text)
+            self._judge_console(name, machine, since, cached)
             self._probes[key] = cached
             self.probe_log[key] = probe_entry(name, cached)
         if isinstance(cached, ProbeError):
@@ -337,6 +344,20 @@ class ProfileRun(RunExpectations):
         self.probe_log[key] = {"name": name, "records": records, "error": None,
                                "duration_s": round(time.monotonic() - start, 3)}  # fmt: skip
         return list(records)
+
+    def _judge_console(self, name: str, machine: QemuMachine, since: int, outcome: ProbeRun | ProbeError) -> None:
+        """What the guest kernel printed while probe ``name`` ran: its trouble lines (oops, BUG, WARN, lockup, RCU
+        stall, hung task) go into the probe's error; an oops or BUG marks the guest lost (rebooted before the next
+        probe), whether or not the probe itself failed."""
+        evidence = machine.console_evidence(since)
+        if not evidence:
+            return
+        if isinstance(outcome, ProbeError):
+            outcome.reason += "\n--- guest console during the probe ---\n" + "\n".join(evidence[-10:])
+        fatal = [line for line in evidence if FATAL_RE.search(line)]
+        if fatal:
+            self._oopsed = f"the guest kernel oopsed during probe {name}: {fatal[0]}"
+            LOG.warning("guest of profile %s: %s", self.profile.name, self._oopsed)
 
     def cached_probe(self, load: str, name: str) -> ProbeRun | None:
         """A probe run made earlier under another load (e.g. the idle baseline), if there was a good one; also one
@@ -412,7 +433,7 @@ def pin_vcpus(machine: QemuMachine) -> dict[str, Any]:
     allowed = sorted(os.sched_getaffinity(0))
     vcpus = []
     try:
-        cpus = machine.qmp("query-cpus-fast")
+        cpus = machine.qmp("query-cpus-fast", record_frozen=False)
     except (QMPError, HarnessError) as exc:
         return {"error": f"query-cpus-fast: {exc}", "vcpus": []}
     for i, cpu in enumerate(cpus):
@@ -430,7 +451,8 @@ def pin_vcpus(machine: QemuMachine) -> dict[str, Any]:
 def vm_exits(machine: QemuMachine) -> int | None:
     """Sum of the KVM ``exits`` statistic over all vCPUs (QMP query-stats, QEMU 7.1+); None without KVM stats."""
     try:
-        stats = machine.qmp("query-stats", target="vcpu", providers=[{"provider": "kvm", "names": ["exits"]}])
+        stats = machine.qmp("query-stats", record_frozen=False, target="vcpu",
+                            providers=[{"provider": "kvm", "names": ["exits"]}])  # fmt: skip
     except (QMPError, HarnessError):
         return None
     total = None

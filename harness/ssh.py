@@ -2,12 +2,14 @@
 
 The guest's host key is pinned (it comes from the image); an unknown key is rejected, never auto-accepted.
 
-No wait polls, and every wait also ends when the guest is gone. A command's wait selects on one descriptor that
-paramiko's transport thread pokes on each event of the channel (output, EOF, exit status, close) together with
-QEMU's pidfd (the session's :class:`Peer`, harness.machine.QemuMachine), so QEMU's exit and a dead transport end it
-at once. A keepalive thread asks the guest for an answer every KEEPALIVE_INTERVAL_S; one left unanswered for
-KEEPALIVE_TIMEOUT_S (QEMU stopped, the guest locked up) closes the transport, which ends every wait on the session
-(commands, SFTP, channel opens). The SshError then says why, as precisely as the peer can tell: QEMU's exit code or
+A command's wait sleeps on one descriptor that paramiko's transport thread pokes on each event of the channel
+(output, EOF, exit status, close) together with QEMU's pidfd (the session's :class:`Peer`,
+harness.machine.QemuMachine), so QEMU's exit and a dead transport end it at once. A keepalive thread asks the guest
+for an answer every KEEPALIVE_INTERVAL_S; one left unanswered for KEEPALIVE_TIMEOUT_S, and a second one then left
+unanswered for KEEPALIVE_RETRY_TIMEOUT_S (QEMU stopped, the guest locked up), closes the transport, which ends every
+wait on the session (commands, SFTP, channel opens). A keepalive wait that ends far later than its deadline means the
+harness itself was paused (the guest's answer may sit unread in the socket): that round starts again instead of
+counting against the guest. The SshError then says why, as precisely as the peer can tell: QEMU's exit code or
 signal, the guest's panic line, a frozen QEMU, a guest that stopped answering, or a guest that dropped the
 connection.
 """
@@ -19,9 +21,9 @@ import binascii
 import contextlib
 import logging
 import os
-import select
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -50,6 +52,13 @@ KEEPALIVE_INTERVAL_S = 3.0
 #: ... and counts as gone when an answer takes longer than this (seconds). A guest that runs answers in
 #: milliseconds, also under TCG on a loaded host; a stopped QEMU or a locked-up guest kernel never does.
 KEEPALIVE_TIMEOUT_S = 10.0
+#: The second keepalive, sent when the first went unanswered, must be answered within this (seconds) ...
+KEEPALIVE_RETRY_TIMEOUT_S = 3.0
+#: ... unless the wait itself ended this much (seconds) later than its deadline: then the harness was paused
+#: (Ctrl-Z, a cgroup freeze, a paused CI container; its timers run on while it cannot read), not the guest.
+KEEPALIVE_STALL_SLACK_S = 2.0
+#: How many harness pauses in a row one keepalive round forgives before it judges the guest anyway.
+KEEPALIVE_MAX_STALLS = 3
 #: Any global request the server must answer (RFC 4254 section 4: want-reply; dropbear answers an unknown one with
 #: SSH_MSG_REQUEST_FAILURE, which is an answer). OpenSSH's ServerAliveInterval uses the same name.
 KEEPALIVE_REQUEST = "keepalive@openssh.com"
@@ -68,6 +77,10 @@ class Peer(Protocol):
 
     def check(self) -> str | None:
         """Like gone(), but also ask the machine (QMP query-status, bounded): None when the guest is running."""
+        ...
+
+    def console_evidence(self) -> list[str]:
+        """The guest console's lines of a kernel in trouble (oops, BUG, WARN, soft lockup, RCU stall, hung task)."""
         ...
 
 
@@ -134,18 +147,42 @@ class _WakingEvent(threading.Event):
         self._wake.set()
 
 
+def keepalive_verdict(answered: bool, waited_s: float, timeout_s: float, second: bool) -> str:
+    """What one keepalive wait means: ``answered``; ``stalled`` (no answer, but the wait ended more than
+    KEEPALIVE_STALL_SLACK_S after its ``timeout_s``: the harness was paused, so ask again with the full deadline);
+    ``retry`` (the first keepalive went unanswered: send a second with KEEPALIVE_RETRY_TIMEOUT_S); ``dead`` (the
+    second went unanswered too)."""
+    if answered:
+        return "answered"
+    if waited_s > timeout_s + KEEPALIVE_STALL_SLACK_S:
+        return "stalled"
+    return "dead" if second else "retry"
+
+
 class _Keepalive:
-    """Asks the guest for an answer every ``interval_s``; none within ``timeout_s`` means QEMU stopped or the guest
-    locked up: the transport is closed, which ends every wait on the session at once, and ``dead`` says why.
+    """Asks the guest for an answer every ``interval_s``; none within ``timeout_s``, nor to a second request within
+    ``retry_timeout_s``, means QEMU stopped or the guest locked up: the transport is closed, which ends every wait on
+    the session at once, and ``dead`` says why. A harness that was paused meanwhile does not count against the guest
+    (keepalive_verdict).
 
     paramiko's own keepalive (``set_keepalive``) wants no reply, so it cannot notice a peer that stopped answering.
     """
 
-    def __init__(self, transport: paramiko.Transport, interval_s: float, timeout_s: float) -> None:
+    def __init__(
+        self, transport: paramiko.Transport, interval_s: float, timeout_s: float,
+        retry_timeout_s: float = KEEPALIVE_RETRY_TIMEOUT_S, gone: Callable[[], str | None] | None = None,
+    ) -> None:  # fmt: skip
         self._transport = transport
+        #: Asked (without blocking) before the second request: a machine already known gone (QEMU stopped or
+        #: exited) cannot answer it, so it is not waited for.
+        self._gone = gone
         self.interval_s = interval_s
         self.timeout_s = timeout_s
+        self.retry_timeout_s = retry_timeout_s
         self.dead: str | None = None
+        #: Rounds that forgave a harness pause (keepalive_verdict "stalled"), for the self-tests and the log.
+        self.stalls = 0
+        self._asked_twice = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ssh-keepalive", daemon=True)
         self._thread.start()
@@ -154,14 +191,37 @@ class _Keepalive:
         while not self._stop.wait(self.interval_s):
             if not self._transport.is_active():
                 return
-            answered = threading.Event()
-            threading.Thread(target=self._ask, args=(answered,), name="ssh-keepalive-request", daemon=True).start()
-            if answered.wait(self.timeout_s) or self._stop.is_set():
+            if self._round() or self._stop.is_set():
                 continue
-            self.dead = f"the guest did not answer an SSH keepalive within {self.timeout_s:g} s"
+            self.dead = f"the guest did not answer an SSH keepalive within {self.timeout_s:g} s" + \
+                (f", nor a second one within {self.retry_timeout_s:g} s" if self._asked_twice else "")  # fmt: skip
             LOG.warning("guest SSH: %s; closing the session", self.dead)
             self._transport.close()
             return
+
+    def _round(self) -> bool:
+        """One keepalive (and the second one, and the repeats after harness pauses); True when the guest answered."""
+        timeout_s, second, stalls = self.timeout_s, False, 0
+        self._asked_twice = False
+        while not self._stop.is_set():
+            answered = threading.Event()
+            threading.Thread(target=self._ask, args=(answered,), name="ssh-keepalive-request", daemon=True).start()
+            began = time.monotonic()
+            got = answered.wait(timeout_s)
+            verdict = keepalive_verdict(got, time.monotonic() - began, timeout_s, second)
+            if verdict == "answered":
+                return True
+            if verdict == "stalled" and stalls < KEEPALIVE_MAX_STALLS:
+                stalls += 1
+                self.stalls += 1
+                LOG.warning("guest SSH: a keepalive wait of %g s took %.1f s: the harness was paused; asking again",
+                            timeout_s, time.monotonic() - began)  # fmt: skip
+                timeout_s, second = self.timeout_s, False
+            elif second or (self._gone is not None and self._gone() is not None):
+                return False
+            else:
+                timeout_s, second, self._asked_twice = self.retry_timeout_s, True, True
+        return True
 
     def _ask(self, answered: threading.Event) -> None:
         try:
@@ -263,7 +323,8 @@ class GuestSession:
                 continue
             transport = client.get_transport()
             if transport is not None:
-                self._keepalive = _Keepalive(transport, KEEPALIVE_INTERVAL_S, KEEPALIVE_TIMEOUT_S)
+                gone = self.peer.gone if self.peer is not None else None
+                self._keepalive = _Keepalive(transport, KEEPALIVE_INTERVAL_S, KEEPALIVE_TIMEOUT_S, gone=gone)
             self._client = client
             return time.monotonic() - start
         raise SshError(f"no SSH session with {self.host}:{self.port} within {timeout_s:.0f} s (last error: {last})")
@@ -271,7 +332,10 @@ class GuestSession:
     def _pause(self, seconds: float) -> None:
         """Sleep between attempts, waking at once when the peer exits."""
         fd = self.peer.exit_fd() if self.peer is not None else None
-        select.select([fd] if fd is not None else [], [], [], seconds)
+        if fd is None:
+            time.sleep(seconds)
+        else:
+            lifetime.wait_readable([fd], seconds)
 
     def close(self) -> None:
         if self._keepalive is not None:
@@ -316,7 +380,9 @@ class GuestSession:
         if problem is not None:
             return f"{problem} ({dead})" if dead else problem
         if dead is not None:
-            return f"{dead} while QEMU runs it (QMP query-status answers): the guest kernel is locked up or starved"
+            text = f"{dead} while QEMU runs it (QMP query-status answers): the guest kernel is locked up or starved"
+            evidence = self.peer.console_evidence() if self.peer is not None else []
+            return text + (f"; the guest console showed: {' | '.join(evidence[-3:])}" if evidence else "")
         if self._client is None:
             return "the session was closed"
         return "the guest closed the SSH connection (its sshd died?) while QEMU runs it"
@@ -332,7 +398,8 @@ class GuestSession:
         :param phase: announced (harness.lifetime.phase) once the command runs in the guest.
         :raises GuestCommandError: the command did not finish in time (reason names the timeout).
         :raises SshError: the session broke or the guest is gone, at once (QEMU exited or the connection dropped)
-            or within KEEPALIVE_INTERVAL_S + KEEPALIVE_TIMEOUT_S (a frozen QEMU, a locked-up guest); the reason
+            or within KEEPALIVE_INTERVAL_S + KEEPALIVE_TIMEOUT_S + KEEPALIVE_RETRY_TIMEOUT_S (a frozen QEMU, a
+            locked-up guest); the reason
             says which (:meth:`lost_reason`).
         """
         start = time.monotonic()
@@ -366,7 +433,7 @@ class GuestSession:
                 if remaining <= 0:
                     raise GuestCommandError(command, None, err.decode(errors="replace"),
                                             reason=f"timeout after {timeout_s:g} s")  # fmt: skip
-                ready, _, _ = select.select(waitables, [], [], remaining)
+                ready = lifetime.wait_readable(waitables, remaining)
                 if exit_fd is not None and exit_fd in ready:
                     raise SshError(f"guest gone while running {command!r}: {self.lost_reason()}")
             # paramiko keeps -1 until an exit-status arrives; a channel closed without one lost its guest or sshd.

@@ -14,20 +14,51 @@ from harness.machine import TMPDIR_PREFIX
 from harness.paths import cache_root
 from tests.helpers import run_cli
 
-#: Every process this self-test session starts (QEMU, perf, harness subprocesses) inherits this variable, so the leak
-#: check counts only those, even orphaned ones, and not the QEMUs of other test sessions on a shared host.
-SESSION_TAG = f"VPMU_SELFTEST_SESSION={os.environ.setdefault('VPMU_SELFTEST_SESSION', str(os.getpid()))}"
+#: Set in this process's environment, so every process it starts (the harness CLI, QEMU, perf) inherits it: the leak
+#: check counts only those, not the guests of another self-test run sharing the machine.
+RUN_MARKER = "VPMU_SELFTEST_RUN"
+os.environ.setdefault(RUN_MARKER, str(os.getpid()))
+
+
+def _ours(pid: int) -> bool | None:
+    """Whether process ``pid`` is this self-test run or was started by it (it carries RUN_MARKER; /proc shows the
+    environment a process started with, so this process itself is recognised by its pid); None when it is gone."""
+    if pid == os.getpid():
+        return True
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    return f"{RUN_MARKER}={os.environ[RUN_MARKER]}".encode() in environ.split(b"\0")
+
+
+def listeners(port: int) -> dict[int, bool | None]:
+    """The processes listening on TCP port ``port`` (IPv4), each with whether it is this run's (see _ours)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: TCP_LISTEN
+            inodes.add(f"socket:[{fields[9]}]")
+    found: dict[int, bool | None] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                found[int(proc.name)] = _ours(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 def pids_named(prefix: str) -> set[int]:
-    """PIDs of every process of this self-test session whose command name starts with ``prefix`` (read from /proc,
-    not our bookkeeping)."""
+    """PIDs of every process of this run whose command name starts with ``prefix`` (read from /proc, not our
+    bookkeeping)."""
     pids = set()
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if (proc / "comm").read_text().startswith(prefix) and \
-                        SESSION_TAG.encode() in (proc / "environ").read_bytes().split(b"\0"):  # fmt: skip
+                if (proc / "comm").read_text().startswith(prefix) and _ours(int(proc.name)):
                     pids.add(int(proc.name))
             except OSError:
                 continue
@@ -42,18 +73,15 @@ def perf_pids() -> set[int]:
     return pids_named("perf")
 
 
-def _other_session(path: Path) -> bool:
-    """Whether a launcher temp dir (``vpmu-qemu-<pid>-*``) belongs to a live process of another test session."""
+def _launcher_ours(path: Path) -> bool:
+    """A launcher's temp dir (``vpmu-qemu-<pid>-*``) counts unless its launcher runs and is another run's."""
     pid = path.name[len(TMPDIR_PREFIX) :].split("-", 1)[0]
-    try:
-        return SESSION_TAG.encode() not in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return False  # gone: a leak of ours as far as we can tell
+    return not pid.isdigit() or _ours(int(pid)) is not False
 
 
 def leftovers() -> set[Path]:
-    """Temp dirs the harness creates (launcher dirs, half-built images), not those of another live session."""
-    found = {p for p in Path(tempfile.gettempdir()).glob(f"{TMPDIR_PREFIX}*") if not _other_session(p)}
+    """Temp dirs the harness creates (launcher dirs, half-built images)."""
+    found = {path for path in Path(tempfile.gettempdir()).glob(f"{TMPDIR_PREFIX}*") if _launcher_ours(path)}
     images = cache_root() / "images"
     if images.is_dir():
         found |= set(images.glob(".vpmu-image-*"))

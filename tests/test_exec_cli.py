@@ -58,10 +58,10 @@ def children_qemu(pid: int) -> set[int]:
     return found
 
 
-def start_exec_and_wait_ready(image_dir: Path) -> tuple[subprocess.Popen, int]:
-    """Start `exec -- sleep 60` and return once the guest runs the command; also return QEMU's pid."""
+def start_exec_and_wait_ready(image_dir: Path, command: str = "sleep 60") -> tuple[subprocess.Popen, int]:
+    """Start `exec -- COMMAND` and return once the guest runs the command; also return QEMU's pid."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "harness", "-v", "exec", "--image", str(image_dir), "--", "sleep 60"],
+        [sys.executable, "-m", "harness", "-v", "exec", "--image", str(image_dir), "--", command],
         cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert proc.stderr is not None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +15,7 @@ import pytest
 
 from harness.errors import BootError, GuestCommandError, LaunchError, SshError
 from harness.guest import Guest, boot_guest
+from harness.lifetime import process_state
 from harness.machine import QemuMachine, sweep_stale_tmpdirs
 from harness.qemu_argv import MachineConfig
 from harness.ssh import GuestSession
@@ -157,3 +161,84 @@ def test_stale_tmpdirs_of_dead_launchers_are_swept(tmp_path):
     alive.mkdir()
     assert sweep_stale_tmpdirs(tmp_path) == [dead]
     assert alive.exists() and not dead.exists()
+
+
+# --- a healthy guest is not declared lost; a kernel in trouble is shown (review of issue 11) ------------------------
+
+
+def test_one_late_qmp_answer_does_not_make_qemu_frozen(guest):
+    """A command that outlives its deadline is followed by a query-status: QEMU answers it, so QEMU is slow, not
+    frozen, and later commands still go through. A best-effort read never asks (and never condemns)."""
+    machine = guest.machine
+    with pytest.raises(BootError, match=r"did not answer QMP 'query-cpus-fast' within 0 s \(it answered the "):
+        machine.qmp("query-cpus-fast", timeout_s=0)  # 0 s: asyncio gives up before the answer can arrive
+    assert machine.gone() is None and machine.check() is None
+    with pytest.raises(BootError, match=r"best-effort read"):
+        machine.qmp("query-stats", timeout_s=0, record_frozen=False, target="vcpu")
+    assert machine.gone() is None
+    assert machine.qmp("query-status")["status"] == "running"
+
+
+def test_qemu_stopped_for_6_s_is_not_lost(guest):
+    """QEMU SIGSTOPped for 6 s, then continued: while stopped it is reported as such at once (a VM-exit read gets
+    None, not an error); a command that runs across the stop completes (the keepalive allows 10 s); afterwards
+    nothing is left marked: not gone, keepalive answered, QMP answers."""
+    from harness.profile_run import vm_exits
+
+    machine = guest.machine
+    os.kill(machine.pid, signal.SIGSTOP)
+    resume = threading.Timer(6.0, os.kill, (machine.pid, signal.SIGCONT))
+    resume.start()
+    try:
+        deadline = time.monotonic() + 2  # the signal is delivered asynchronously
+        while not (process_state(machine.pid) or "").startswith("T") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "SIGSTOP" in (machine.gone() or "")
+        assert vm_exits(machine) is None
+        start = time.monotonic()
+        result = guest.ssh.run("echo alive", timeout_s=60)
+        assert result.rc == 0 and result.stdout == "alive\n"
+        assert time.monotonic() - start > 3  # it did wait for QEMU
+    finally:
+        resume.join()
+        os.kill(machine.pid, signal.SIGCONT)
+    assert machine.gone() is None and guest.ssh.unanswered is None and not guest.ssh.broken()
+    assert machine.check() is None
+
+
+def test_console_trouble_during_a_probe_is_evidence_and_an_oops_loses_the_guest(guest, guest_image, accel, tmp_path):
+    """A probe during which the guest kernel prints a WARN line fails with that line quoted; one during which it
+    prints an oops marks the guest lost (it is rebooted before the next probe) even though the probe passed."""
+    from harness.probes import ProbeBuilder, ProbeError, ProbeRunner
+    from harness.profile_run import ProfileRun
+    from harness.profiles import Profile
+    from tests.helpers import TEST_DATA
+
+    profile = Profile("selftest", "console evidence", "host", "max", ("kvm", "tcg"))
+    run = ProfileRun(profile, accel, {}, guest_image)
+    run._guest = guest
+    run._runner = ProbeRunner(guest.ssh, ProbeBuilder(TEST_DATA / "probes", tmp_path / "cache"))
+    with pytest.raises(ProbeError) as info:
+        run.probe("selftest_kmsg", {"line": "WARNING: CPU: 0 PID: 1 at vpmu/self-test.c:1", "rc": 3})
+    assert "exit code 3" in str(info.value) and "--- guest console during the probe ---" in str(info.value)
+    assert "WARNING: CPU: 0 PID: 1 at vpmu/self-test.c:1" in str(info.value)
+    assert run.lost() is None  # a WARN splat does not stop the kernel
+    run.probe("selftest_kmsg", {"line": "Oops: 0002 [#1] vpmu self-test", "rc": 0}, key="oops")
+    assert "oopsed during probe selftest_kmsg: " in (run.lost() or "") and "Oops: 0002" in (run.lost() or "")
+    assert guest.machine.gone() is None  # the machine itself is fine: only this run stops trusting its kernel
+
+
+def test_starved_guest_names_the_console_evidence(config):
+    """The session's sshd stops answering while QEMU runs the guest (here: the guest stops it, as a starved or
+    locked-up kernel would), after the kernel printed a soft-lockup line: the error says the guest is locked up or
+    starved and quotes that line."""
+    with boot_guest(config) as booted:
+        lockup = "watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [vpmu-selftest:1]"
+        start = time.monotonic()
+        with pytest.raises(SshError) as info:
+            booted.ssh.run(f"echo '<1>{lockup}' > /dev/kmsg; kill -STOP $PPID; sleep 60", timeout_s=120)
+        elapsed = time.monotonic() - start
+    assert elapsed < 30
+    reason = str(info.value)
+    assert "the guest kernel is locked up or starved" in reason, reason
+    assert "the guest console showed: [" in reason and lockup in reason, reason

@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 from harness import matrix, render, results, svg
 from tests.helpers import chromium_render
-from tests.test_coexist_depth import FLAT_CURVE, PERF_BASED_CURVE, mux_cost, sweep
+from tests.test_coexist_depth import ANOMALOUS_CURVE, FLAT_CURVE, PERF_BASED_CURVE, mux_cost, sweep
 
 NS = {"s": "http://www.w3.org/2000/svg"}
 
@@ -23,12 +23,12 @@ def mux_check(curve) -> dict:
             "measurements": []}  # fmt: skip
 
 
-def document() -> dict:
+def document(curves=(("pmu-on", PERF_BASED_CURVE), ("pmu-on-2vcpu", FLAT_CURVE))) -> dict:
     host = {"hostname": "spr-kvm", "accel": "kvm", "accel_reason": "KVM usable", "kernel": "6.20.0",
             "vpmu_mode": "perf-based", "cpu": {"model_name": "Intel Xeon", "vendor": "GenuineIntel"},
             "kvm": {"modules": ["kvm", "kvm_intel"], "enable_pmu": "Y"}, "qemu": {"version": "9.2.0"}}  # fmt: skip
     runs = []
-    for profile, curve in (("pmu-on", PERF_BASED_CURVE), ("pmu-on-2vcpu", FLAT_CURVE)):
+    for profile, curve in curves:
         runs.append({"profile": profile, "load": "host-multiplexing", "accel": "kvm", "boot_s": 0.9,
                      "guest": {"cpu": "host,pmu=on"}, "checks": [mux_check(curve)]})  # fmt: skip
     return results.build(host, runs)
@@ -50,7 +50,10 @@ def test_the_chart_is_wellformed_svg_with_a_point_per_setting_and_series():
     assert "1 ms: 1,150.0 exits/s" in titles and "100 ms: 80.0 irq exits/s" in titles
     assert "1 ms: count error +0.0000 % (canary pass)" in titles
     texts = [t.text for t in root.findall(".//s:text", NS)]
-    assert any(t.startswith("FLAGGED: slope 1.00 exits per rotation/s") for t in texts)
+    # one exit per rotation is inherent: reported, not flagged (harness.coexist_depth FLAG_EXITS_PER_ROTATION)
+    assert "slope 1.00 exits per rotation/s (flag above 1.5)" in texts
+    flagged = [t.text for t in chart(ANOMALOUS_CURVE).findall(".//s:text", NS)]
+    assert any(t.startswith("FLAGGED: slope 2.00 exits per rotation/s") for t in flagged)
     assert {"1", "4", "16", "100"} <= set(texts) and "perf_event_mux_interval_ms (log scale)" in texts
 
 
@@ -69,12 +72,14 @@ def test_the_report_has_the_chart_and_the_table_and_markdown_the_table():
     html = render.html(m)
     assert "<script" not in html and "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
     assert html.count("<svg") == 2 and "Host multiplexing cost (coexist.mux_cost)" in html
-    assert '<span class="flag">FLAGGED</span>' in html and "<td>1,150</td>" in html
+    assert '<span class="flag">FLAGGED</span>' not in html and "<td>1,150</td>" in html
     md = render.markdown(m)
-    assert "## Host multiplexing cost (coexist.mux_cost)" in md and "**FLAGGED**" in md
+    assert "## Host multiplexing cost (coexist.mux_cost)" in md and "**FLAGGED**" not in md
     assert "| interval ms | rotations/s | exits/s | irq exits/s | NMIs/s | error % | host running % | canary |" in md
     assert "| 1 | 1000 | 1,150 | 575 | - | +0.0000 | 33.3 | pass |" in md
     assert "| 16 | 62.5 | 212 | 106 | - | +0.0000 | 33.4 | pass |" in md
+    anomalous = matrix.build([document((("pmu-on", ANOMALOUS_CURVE),))])
+    assert '<span class="flag">FLAGGED</span>' in render.html(anomalous) and "**FLAGGED**" in render.markdown(anomalous)
     sections = svg.mux_sections(m)
     assert [s.column for s in sections] == ["pmu-on/host-multiplexing", "pmu-on-2vcpu/host-multiplexing"]
     assert asdict(sections[1])["flagged"] is False
