@@ -433,7 +433,8 @@ class QemuMachine:
         return self._final_serial[since:] if since else self._final_serial
 
     def console_position(self) -> int:
-        """A mark in the console output, for :meth:`serial_text` ``since``."""
+        """A mark in the console output, for :meth:`serial_text` ``since`` and :meth:`wait_for_console` ``start``
+        (which then see only what the guest prints later, e.g. the readiness marker of its next boot)."""
         if self._console and self._proc:
             return self._console.position()
         return len(self._final_serial)
@@ -544,12 +545,6 @@ class QemuMachine:
         if match is None:
             raise BootError(f"no SSH port forward in QEMU's 'info usernet':\n{text}", self.serial_tail())
         return int(match.group(1))
-
-    def console_position(self) -> int:
-        """Where the console output stands now: a wait given this ``start`` sees only what the guest prints later
-        (e.g. the readiness marker of its next boot)."""
-        assert self._console is not None, "launch() first"
-        return self._console.position()
 
     def wait_for_console(
         self, pattern: str, timeout_s: float, failures: tuple[str, ...] = PANIC_PATTERNS, start: int = 0
