@@ -52,6 +52,7 @@ RUNNING_RESET_FRACTION = 100
 KUT_OVERFLOW = "kvm-unit-tests x86/pmu.c check_counter_overflow()"
 KUT_RUNNING = "kvm-unit-tests x86/pmu.c check_running_counter_wrmsr()"
 KST_FIXED = "KVM selftests pmu_counters_test.c guest_test_fixed_counters()"
+KST_FIXED_MSR = "KVM selftests pmu_counters_test.c guest_rd_wr_counters(MSR_CORE_PERF_FIXED_CTR0, ...)"
 KST_PERFCAP = "KVM selftests vmx_pmu_caps_test.c guest_wrmsr_perf_capabilities()"
 
 
@@ -288,8 +289,10 @@ def all_counters(
 
 
 def fixed_absent(pmu: Expectation, view: GuestView, records: list[Record], faults: Expectation) -> Verdict:
-    """Fixed counters the guest does not have (KVM selftests guest_test_fixed_counters()): enabling one in
-    IA32_FIXED_CTR_CTRL or IA32_PERF_GLOBAL_CTRL #GPs, and so do its counter MSR's read and write.
+    """Fixed counters the guest does not have: enabling one in IA32_FIXED_CTR_CTRL or IA32_PERF_GLOBAL_CTRL #GPs (KVM
+    selftests guest_test_fixed_counters()), and so do its counter MSR's read and write (guest_rd_wr_counters(), which
+    guest_test_fixed_counters() runs over MSR_CORE_PERF_FIXED_CTR0 + i with ``expect_gp`` for every counter that is
+    neither below the enumerated count nor in the v5 bitmask).
 
     The control-register writes #GP whatever kvm.ignore_msrs says: intel_pmu_set_msr() rejects reserved bits
     (fixed_ctr_ctrl_rsvd; kvm_valid_perf_global_ctrl()) by returning 1, which kvm_do_msr_access() does not swallow.
@@ -319,7 +322,8 @@ def fixed_absent(pmu: Expectation, view: GuestView, records: list[Record], fault
         observed[f"{record['index']}:{record['op']}"] = "#GP" if faulted else value
         if not faulted:
             got = _errno_text(record) if "error" in record else f"accepted, reads {value}"
-            problems.append(f"{where}: {got}, want #GP ({KST_FIXED})")
+            source = KST_FIXED_MSR if record["op"] in ("rdmsr", "wrmsr") else KST_FIXED
+            problems.append(f"{where}: {got}, want #GP ({source})")
     expected = "#GP for every access to a fixed counter that is not enumerated"
     note = f"; {'; '.join(notes)}" if notes else ""
     if problems:
@@ -479,15 +483,24 @@ def event_filters(
     return passed("USR/OS, CMASK, INV and EDGE behave as the SDM defines over the loop", expected, observed)
 
 
-#: "KVM: x86/pmu: Disallow "fast" RDPMC for architectural Intel PMUs" (5728a4a0ea79) and "Don't ignore bits 31:30 for
-#: RDPMC index on AMD" (ecb490770ad4), both merged for Linux 6.8: RDPMC with ECX[31] set #GPs. Before, KVM's
-#: kvm_pmu_rdpmc() honoured the "fast" flag on both vendors and returned bits 31:0 of the count, which is what
-#: kvm-unit-tests x86/pmu.c check_rdpmc() still accepts ("fast-<i>", report_skip on #GP); the KVM selftests
-#: (pmu_counters_test.c guest_rd_wr_counters()) require the #GP. Distribution kernels older than 6.8 may carry the
-#: backport, so below 6.8 (or when the host kernel is unknown) both answers are right; from 6.8 only the #GP is.
-FAST_RDPMC_GP_KERNEL = (6, 8)
-FAST_RDPMC_SOURCE = ("KVM 5728a4a0ea79 / ecb490770ad4 (Linux 6.8): RDPMC with ECX[31] #GPs; before, "
+#: "KVM: x86/pmu: Disallow "fast" RDPMC for architectural Intel PMUs" (5728a4a0ea79), "Apply "fast" RDPMC only to
+#: Intel PMUs" (d652981db08f) and "Don't ignore bits 31:30 for RDPMC index on AMD" (ecb490770ad4) came in with
+#: kvm-x86-pmu-6.9 (Sean Christopherson's "[GIT PULL] KVM: x86: PMU changes for 6.9", based on v6.8-rc2, merged by
+#: Paolo Bonzini's "KVM changes for Linux 6.9 merge window" on top of v6.8-rc7), so v6.9-rc1 is the first tag with
+#: them: RDPMC with ECX[31] set #GPs. Before, KVM's kvm_pmu_rdpmc() honoured the "fast" flag on both vendors
+#: (``mask = fast_mode ? ~0u : ~0ull``) and returned bits 31:0 of the count; upstream 6.8 (the base of Ubuntu
+#: 24.04's 6.8.0-*) still does. That is what kvm-unit-tests x86/pmu.c check_rdpmc() still accepts ("fast-<i>",
+#: report_skip on #GP); the KVM selftests (pmu_counters_test.c guest_rd_wr_counters()) require the #GP.
+#: Distribution kernels older than 6.9 may carry the backport, so below 6.9 (or when the host kernel is unknown)
+#: both answers are right; from 6.9 only the #GP is.
+FAST_RDPMC_GP_KERNEL = (6, 9)
+FAST_RDPMC_SOURCE = ("KVM 5728a4a0ea79 / d652981db08f / ecb490770ad4 (Linux 6.9): RDPMC with ECX[31] #GPs; before, "
                      "kvm_pmu_rdpmc() returned bits 31:0 (kvm-unit-tests check_rdpmc \"fast-<i>\")")  # fmt: skip
+#: Fixed counters are written at full width whatever PERF_CAPABILITIES.FW_WRITE says: KVM intel_pmu_set_msr()
+#: sign-extends bit 31 only for a GP counter written through IA32_PMCx (``!(msr & MSR_PMC_FULL_WIDTH_BIT)``) and
+#: writes IA32_FIXED_CTRx as given; kvm-unit-tests check_rdpmc() writes ``val & fixed width`` and reads it back
+#: ("fixed cntr-<i>"). The SDM's "sign-extended from bit 31" applies to IA32_PMCx alone.
+FIXED_WRITE_SOURCE = "KVM intel_pmu_set_msr() writes IA32_FIXED_CTRx unextended; kvm-unit-tests check_rdpmc()"
 
 
 def kernel_version(release: str | None) -> tuple[int, int] | None:
@@ -500,10 +513,11 @@ def kernel_version(release: str | None) -> tuple[int, int] | None:
 
 
 def rdpmc_fast(pmu: Expectation, view: GuestView, records: list[Record], host: dict[str, Any] | None = None) -> Verdict:
-    """RDPMC with ECX[31] ("fast" read) of a counter holding bits above 31: #GP, or (only before Linux 6.8, see
+    """RDPMC with ECX[31] ("fast" read) of a counter holding bits above 31: #GP, or (only before Linux 6.9, see
     FAST_RDPMC_GP_KERNEL) exactly bits 31:0 of the count. Under the mediated vPMU the hardware answers (RDPMC is
     not intercepted when the guest has every counter): #GP, as on bare metal (SDM Vol. 2B RDPMC: #GP(0) if ECX is
-    outside the valid range; APM Vol. 3 RDPMC likewise)."""
+    outside the valid range; APM Vol. 3 RDPMC likewise). A fixed counter must hold exactly the full-width value
+    written to it, FW_WRITE or not (FIXED_WRITE_SOURCE); a GP counter's legacy write sign-extends bit 31."""
     verdict = gate(pmu, view.cpuid_pmu, "enumerates no PMU")
     if verdict:
         return verdict
@@ -514,7 +528,7 @@ def rdpmc_fast(pmu: Expectation, view: GuestView, records: list[Record], host: d
     version = kernel_version(host.get("kernel"))
     must_fault = host.get("vpmu_mode") == "mediated" or (version is not None and version >= FAST_RDPMC_GP_KERNEL)
     why = ("mediated vPMU" if host.get("vpmu_mode") == "mediated" else f"host kernel {host.get('kernel')}") \
-        if must_fault else f"host kernel {host.get('kernel') or 'unknown'} (before 6.8 either answer)"  # fmt: skip
+        if must_fault else f"host kernel {host.get('kernel') or 'unknown'} (before 6.9 either answer)"  # fmt: skip
     problems: list[str] = []
     observed: dict[str, Any] = {}
     for record in found:
@@ -528,6 +542,10 @@ def rdpmc_fast(pmu: Expectation, view: GuestView, records: list[Record], host: d
                            f"{record['signal']}, cap_user_rdpmc={record.get('user_rdpmc')}); arch.rdpmc judges "
                            "that")  # fmt: skip
         full = record["rdmsr"]
+        if label.startswith("fixed") and full != record["written"]:
+            problems.append(f"{label}: wrote {record['written']:#x}, RDMSR reads {full:#x}: a fixed counter keeps the "
+                            f"full value written ({FIXED_WRITE_SOURCE})")  # fmt: skip
+            continue
         if full >> 32 == 0:
             return errored(f"{label}: the counter holds {full:#x}, nothing above bit 31 to tell a fast read apart")
         if record["fast_signal"]:
@@ -780,13 +798,34 @@ def _fep_overflow_problems(record: Record, calibration: Any, relaxed: bool) -> l
 
 TSX_SOURCE = ("SDM Vol. 3B, \"Performance Monitoring and Intel TSX\": IN_TX counts inside transactional regions, "
               "IN_TXCP everywhere but in aborted regions; kvm-unit-tests check_tsx_cycles(): count > 0")  # fmt: skip
+#: Why a counter that ignores its qualifier reads what the plain cycles counter reads: perf's hsw_hw_config()
+#: (arch/x86/events/intel/core.c) copies HSW_IN_TX / HSW_IN_TX_CHECKPOINTED into the hardware config only when the
+#: host has RTM or HLE, and drops them silently otherwise.
+TSX_DROPPED = (
+    "the qualifier was dropped on the way to the hardware (perf hsw_hw_config() drops it on a host without RTM and HLE)"
+)
 
 
 def tsx_cycles(pmu: Expectation, view: GuestView, records: list[Record], contention: str | None = None) -> Verdict:
-    """Intel with RTM in the guest: cycles with IN_TX on GP counter 0 and with IN_TXCP on GP counter 2 (the only
-    counter that supports it) both count over 1,000 transactions that spin 200 iterations and then xabort: IN_TX the
-    cycles inside them (> 0), IN_TXCP the cycles outside them (> 0). KVM lets the guest set these bits only with HLE or
-    RTM in its CPUID (intel_pmu_refresh(): raw_event_mask gains HSW_IN_TX | HSW_IN_TX_CHECKPOINTED)."""
+    """Intel with RTM in the guest: cycles with IN_TX on GP counter 0, plain cycles on GP counter 1 and cycles with
+    IN_TXCP on GP counter 2 (the only counter that supports it), over ``transactions`` transactions that each spin
+    ``spin`` dependent dec/jnz iterations and then xabort $0xff, followed by ``pad`` iterations outside any
+    transaction. KVM lets the guest set these bits only with HLE or RTM in its CPUID (intel_pmu_refresh():
+    raw_event_mask gains HSW_IN_TX | HSW_IN_TX_CHECKPOINTED).
+
+    Raw CPUID RTM does not mean transactions run (a guest kernel with tsx=off sets TSX_CTRL.RTM_DISABLE, which KVM
+    passes through while its CPUID answer keeps RTM; a host's TSX_FORCE_ABORT aborts every XBEGIN), so the probe counts
+    ``explicit_aborts``, the transactions whose abort status says they reached the xabort, and the rule SKIPs when none
+    did. Each dec depends on the one before, so each iteration takes >= 1 cycle: an explicit abort spent >= ``spin``
+    cycles inside its transaction, and every transaction is followed by >= ``pad`` cycles outside one (pad = 4 x
+    spin, so the non-transactional part is most of the window). With half of each as slack for counter skew:
+
+    * cycles >= transactions x pad / 2 (the window's non-transactional part alone);
+    * explicit x spin / 2 <= IN_TX <= cycles - transactions x pad / 2: a counter that ignores IN_TX counts the
+      non-transactional part too, reads about ``cycles`` and exceeds the upper bound by >= transactions x pad / 2;
+    * transactions x pad / 2 <= IN_TXCP <= cycles - explicit x spin / 2: the aborted regions' cycles are dropped, so
+      a counter that ignores IN_TXCP, reading about ``cycles``, exceeds the upper bound by >= explicit x spin / 2.
+    """
     verdict = gate(pmu, view.cpuid_pmu, "enumerates no PMU")
     if verdict:
         return verdict
@@ -799,16 +838,49 @@ def tsx_cycles(pmu: Expectation, view: GuestView, records: list[Record], content
         # CPUID.07H:EDX[11] RTM_ALWAYS_ABORT: XBEGIN aborts at once (TSX_FORCE_ABORT microcode), so there may be no
         # cycle inside a transaction to count.
         return skipped("not-enumerated: CPUID.07H:EDX[11] RTM_ALWAYS_ABORT is set: every transaction aborts at once")
+    expected = "0 < IN_TX, IN_TXCP < cycles, within the bounds of the transactional and non-transactional parts"
     access = _access_problem(record)
     if access:
-        return failed(f"{access} (IN_TX/IN_TXCP must be accepted with RTM enumerated)", "> 0", None)
-    observed = {"in_tx": record["in_tx"], "in_txcp": record["in_txcp"]}
-    zero = [k for k in ("in_tx", "in_txcp") if record[k] == 0]
-    if zero:
-        problem = f"{', '.join(zero)} counted 0 over {record['transactions']:,} aborted transactions ({TSX_SOURCE})"
-        verdict = contention_skip(contention, [problem], [], "> 0", observed)
-        return verdict or failed(problem, "> 0", observed)
-    return passed("IN_TX and IN_TXCP cycles count over aborted transactions", "> 0", observed)
+        return failed(f"{access} (IN_TX/IN_TXCP must be accepted with RTM enumerated)", expected, None)
+    n, spin, pad, explicit = (int(record[k]) for k in ("transactions", "spin", "pad", "explicit_aborts"))
+    in_tx, cycles, in_txcp = record["in_tx"], record["cycles"], record["in_txcp"]
+    observed = {"in_tx": in_tx, "cycles": cycles, "in_txcp": in_txcp, "explicit_aborts": explicit}
+    if explicit == 0:
+        if record.get("cpuinfo_rtm") == 0:
+            why = ("guest-kernel: the guest kernel lists no rtm flag (tsx=off: TSX_CTRL.RTM_DISABLE, which KVM passes "
+                   "through while its CPUID answer keeps RTM)")  # fmt: skip
+        elif record.get("cpuinfo_rtm") == 1:
+            why = "host: TSX is disabled or force-aborted below the guest (TSX_CTRL / TSX_FORCE_ABORT)"
+        else:
+            why = "host: TSX is disabled below the guest or by its kernel (/proc/cpuinfo unreadable)"
+        return skipped(f"{why}: none of the {n:,} transactions reached its xabort, so IN_TX/IN_TXCP had no "
+                       "transactional cycle to count", expected, observed)  # fmt: skip
+    outside, inside = n * pad // 2, explicit * spin // 2
+    shortfalls: list[str] = []
+    others: list[str] = []
+    # The upper bounds hang on the cycles count: when it falls short, only that shortfall is reported.
+    cycles_ok = cycles >= outside
+    if not cycles_ok:
+        shortfalls.append(f"cycles {cycles:,} < {outside:,}, half the {n:,} x {pad} dependent iterations outside "
+                          "transactions")  # fmt: skip
+    if in_tx < inside:
+        shortfalls.append(f"IN_TX {in_tx:,} < {inside:,}, half the {explicit:,} x {spin} dependent iterations inside "
+                          f"the transactions that reached xabort ({TSX_SOURCE})")  # fmt: skip
+    elif cycles_ok and in_tx > cycles - outside:
+        others.append(f"IN_TX {in_tx:,} > cycles {cycles:,} - {outside:,}: it counted the non-transactional part of "
+                      f"the window, i.e. cycles outside transactions; {TSX_DROPPED} ({TSX_SOURCE})")  # fmt: skip
+    if in_txcp < outside:
+        shortfalls.append(f"IN_TXCP {in_txcp:,} < {outside:,}, half the {n:,} x {pad} dependent iterations outside "
+                          f"transactions ({TSX_SOURCE})")  # fmt: skip
+    elif cycles_ok and in_txcp > cycles - inside:
+        others.append(f"IN_TXCP {in_txcp:,} > cycles {cycles:,} - {inside:,}: it kept the cycles of the "
+                      f"{explicit:,} aborted transactions; {TSX_DROPPED} ({TSX_SOURCE})")  # fmt: skip
+    if shortfalls or others:
+        verdict = contention_skip(contention, shortfalls, others, expected, observed)
+        return verdict or failed("; ".join(shortfalls + others), expected, observed)
+    return passed(f"IN_TX and IN_TXCP count within the transactional and non-transactional shares of "
+                  f"{cycles:,} cycles ({explicit:,} of {n:,} transactions reached xabort)", expected,
+                  observed)  # fmt: skip
 
 
 MISC_ENABLE_PEBS_UNAVAIL = 1 << 12
@@ -816,14 +888,28 @@ CPUID1_EDX_DS = 1 << 21
 CPUID1_ECX_PDCM = 1 << 15
 
 
-def misc_enable_pebs(pmu: Expectation, view: GuestView, records: list[Record]) -> Verdict:
+#: "KVM: x86: Give host userspace full control of MSR_IA32_MISC_ENABLES" (9fc222967a39, pushed to kvm/next in June
+#: 2022, Linux 6.0) removed intel_pmu_refresh()'s ``ia32_misc_enable_msr &= ~MSR_IA32_MISC_ENABLE_PEBS_UNAVAIL`` and
+#: made kvm_vcpu_reset() set PEBS_UNAVAIL | BTS_UNAVAIL: from 6.0 the bit is whatever the VMM writes with KVM_SET_MSRS
+#: (QEMU: MSR_IA32_MISC_ENABLE_DEFAULT at vCPU reset), before 6.0 KVM cleared it when it gave the vCPU a PEBS format.
+MISC_ENABLE_VMM_KERNEL = (6, 0)
+MISC_ENABLE_VMM_SOURCE = "KVM 9fc222967a39 (Linux 6.0): MISC_ENABLE's PEBS_UNAVAIL is the VMM's to set"
+
+
+def misc_enable_pebs(
+    pmu: Expectation, view: GuestView, records: list[Record], host: dict[str, Any] | None = None
+) -> Verdict:
     """Where the guest enumerates PEBS (CPUID.01H:EDX.DS[21], PDCM and a non-zero PEBS format in
     IA32_PERF_CAPABILITIES[11:8]), IA32_MISC_ENABLE bit 12 (PEBS_UNAVAIL, "PEBS not supported", SDM Vol. 4) must be
-    clear: KVM clears it when it gives the vCPU a PEBS format (arch/x86/kvm/vmx/pmu_intel.c intel_pmu_refresh()),
-    QEMU never sets it while DS is present, and a Linux guest uses PEBS only with the bit clear (arch/x86/kernel/cpu/
-    intel.c sets X86_FEATURE_PEBS only then). kvm-unit-tests pmu_pebs.c skips on the bit; KVM selftests msrs_test.
+    clear: a Linux guest uses PEBS only with the bit clear (arch/x86/kernel/cpu/intel.c sets X86_FEATURE_PEBS only
+    then). kvm-unit-tests pmu_pebs.c skips on the bit; KVM selftests msrs_test.
 
-    Only this direction is judged: without PEBS the bit's value depends on the QEMU version (QEMU writes MISC_ENABLE at
+    Who owns the bit depends on the host kernel (MISC_ENABLE_VMM_KERNEL): before Linux 6.0 KVM cleared it in
+    intel_pmu_refresh() when it gave the vCPU a PEBS format; since 9fc222967a39 KVM sets it at vCPU reset and leaves
+    it to the VMM, so on such a host a FAIL is a VMM-configuration finding (QEMU's MISC_ENABLE reset value, or a VMM
+    that never writes MISC_ENABLE and keeps KVM's reset value), not a KVM bug.
+
+    Only this direction is judged: without PEBS the bit's value depends on the VMM version (QEMU writes MISC_ENABLE at
     vCPU reset as the host, which KVM's read-only check does not cover; later QEMU sets PEBS_UNAVAIL itself when DS is
     absent), so a set or clear bit there is no verdict on KVM."""
     verdict = gate(pmu, view.cpuid_pmu, "enumerates no PMU")
@@ -837,12 +923,22 @@ def misc_enable_pebs(pmu: Expectation, view: GuestView, records: list[Record]) -
             and (caps >> 8) & 0xF)  # fmt: skip
     if not pebs:
         return skipped("not-enumerated: the guest has no PEBS (CPUID.01H:EDX.DS, PDCM, IA32_PERF_CAPABILITIES[11:8]); "
-                       "MISC_ENABLE[12] is then QEMU's reset value, not KVM's answer")  # fmt: skip
+                       "MISC_ENABLE[12] is then the VMM's reset value, not KVM's answer")  # fmt: skip
     if "error" in record:
         return failed(f"IA32_MISC_ENABLE: {_errno_text(record)}", "readable", None)
     observed = {"misc_enable": record["value"], "pebs_format": (caps >> 8) & 0xF}
     if record["value"] & MISC_ENABLE_PEBS_UNAVAIL:
+        kernel = (host or {}).get("kernel")
+        version = kernel_version(kernel)
+        if version is None:
+            owner = (f"host kernel {kernel or 'unknown'}: the VMM's MISC_ENABLE setting on Linux >= 6.0 "
+                     f"({MISC_ENABLE_VMM_SOURCE}), KVM intel_pmu_refresh() before")  # fmt: skip
+        elif version >= MISC_ENABLE_VMM_KERNEL:
+            owner = (f"vmm: host kernel {kernel} leaves the bit to userspace ({MISC_ENABLE_VMM_SOURCE}), so the VMM "
+                     "(QEMU's MISC_ENABLE reset value) set it or never cleared KVM's reset value")  # fmt: skip
+        else:
+            owner = f"host kernel {kernel}: KVM intel_pmu_refresh() clears it when it gives the vCPU a PEBS format"
         return failed(f"IA32_MISC_ENABLE {record['value']:#x} has PEBS_UNAVAIL (bit 12) set while the guest enumerates "
-                      f"PEBS format {(caps >> 8) & 0xF} (KVM intel_pmu_refresh() clears it; the guest kernel will not "
-                      "use PEBS)", "bit 12 clear", observed)  # fmt: skip
+                      f"PEBS format {(caps >> 8) & 0xF}, so the guest kernel will not use PEBS ({owner})",
+                      "bit 12 clear", observed)  # fmt: skip
     return passed("PEBS enumerated and MISC_ENABLE.PEBS_UNAVAIL clear", "bit 12 clear", observed)

@@ -304,11 +304,12 @@ def test_fixed_absent_all_gp():
 def test_fixed_absent_accepted_control_bit_fails_even_with_ignore_msrs():
     view = intel_kvm_guest_view()
     v = sv.fixed_absent(EXPECTED, view, absent_records(fixed_ctrl=0x2000), IGNORED)
-    assert v.status == "fail" and "fixed_ctrl" in v.reason
+    assert v.status == "fail" and "fixed_ctrl" in v.reason and "guest_test_fixed_counters()" in v.reason
     # With ignore_msrs=Y the unknown counter MSR reads 0 instead of faulting: not judged, and said so.
     v = sv.fixed_absent(EXPECTED, view, absent_records(rdmsr=0, wrmsr=0), IGNORED)
     assert v.status == "pass" and "ignore_msrs" in v.reason
-    assert sv.fixed_absent(EXPECTED, view, absent_records(rdmsr=0), FAULTS).status == "fail"
+    v = sv.fixed_absent(EXPECTED, view, absent_records(rdmsr=0), FAULTS)
+    assert v.status == "fail" and "guest_rd_wr_counters(MSR_CORE_PERF_FIXED_CTR0" in v.reason  # the counter-MSR #GP
 
 
 # --- IA32_PERF_CAPABILITIES -------------------------------------------------------------------------------------
@@ -458,11 +459,46 @@ def test_rdpmc_fast_by_host_kernel():
     assert sv.rdpmc_fast(EXPECTED, view, low, old).status == "pass"
     assert sv.rdpmc_fast(EXPECTED, view, low, {}).status == "pass"  # kernel unknown: both answers
     v = sv.rdpmc_fast(EXPECTED, view, low, new)
-    assert v.status == "fail" and "want #GP" in v.reason and "5728a4a0ea79" in v.reason
+    assert v.status == "fail" and "want #GP" in v.reason and "5728a4a0ea79" in v.reason and "6.9" in v.reason
     assert sv.rdpmc_fast(EXPECTED, view, low, {"kernel": "5.15.0", "vpmu_mode": "mediated"}).status == "fail"
     wrong = [fast(fast_value=0xAB12345678)]  # the full value: the flag ignored
     v = sv.rdpmc_fast(EXPECTED, view, wrong, old)
     assert v.status == "fail" and "bits 31:0" in v.reason
+
+
+def test_rdpmc_fast_a_6_8_host_still_returns_bits_31_0():
+    """The #GP came with kvm-x86-pmu-6.9: a 6.8 host (Ubuntu 24.04's 6.8.0-*) still masks a fast read to 32 bits."""
+    view = intel_kvm_guest_view()
+    low = [fast(fast_value=0x12345678), fast("fixed0", 1 << 30, fast_value=0x12345678)]
+    v = sv.rdpmc_fast(EXPECTED, view, low, {"kernel": "6.8.0-45-generic", "vpmu_mode": "perf-based"})
+    assert v.status == "pass" and "before 6.9" in v.reason
+    assert sv.rdpmc_fast(EXPECTED, view, low, {"kernel": "6.9.0", "vpmu_mode": "perf-based"}).status == "fail"
+
+
+def test_rdpmc_fast_without_full_width_writes():
+    """No FW_WRITE (e.g. a named QEMU CPU model): GP counter 0 gets 0x87654321 through IA32_PMC0, sign-extended to 48
+    bits; fixed counter 0 still gets 0xAB12345678, as fixed counters are never sign-extended (not an ERROR)."""
+    view = intel_kvm_guest_view()
+    gp = {**fast(value=0x87654321, fast_value=0x87654321), "rdmsr": 0xFFFF87654321, "rdpmc": 0xFFFF87654321}
+    fixed = fast("fixed0", 1 << 30, value=0xAB12345678, fast_value=0x12345678)
+    v = sv.rdpmc_fast(EXPECTED, view, [gp, fixed], {"kernel": "6.8.0-45-generic"})
+    assert v.status == "pass" and v.observed == {"gp0": 0x87654321, "fixed0": 0x12345678}
+    # A vPMU that treats the fixed counter like a legacy GP write keeps only bits 31:0 of it.
+    truncated = {**fixed, "rdmsr": 0x12345678, "rdpmc": 0x12345678}
+    v = sv.rdpmc_fast(EXPECTED, view, [gp, truncated], {"kernel": "6.8.0-45-generic"})
+    assert v.status == "fail" and "fixed0: wrote 0xab12345678, RDMSR reads 0x12345678" in v.reason
+
+
+def test_rdpmc_fast_fixed_value_ignores_full_width(tmp_path):
+    """Rendered for a guest without FW_WRITE, the probe writes 0x87654321 to GP counter 0 (sign-extended by the legacy
+    MSR) but the full-width 0xAB12345678 to fixed counter 0, which is never sign-extended."""
+    params = {**semantics_params(intel_kvm_guest_view()), "full_width": False}
+    source = tmp_path / "semantics.c"
+    source.write_text(ProbeBuilder(cache_dir=tmp_path / "cache").render("semantics", params))
+    expanded = subprocess.run(["gcc", "-E", "-P", str(source)], capture_output=True, text=True, check=True).stdout
+    calls = dict(re.findall(r'rdpmc_pair\("(gp0|fixed0)", [^,]+, [^,]+, [^,]+, (.+?),\s*user_rdpmc\)', expanded))
+    assert calls["gp0"] == "0x87654321ULL"
+    assert calls["fixed0"].startswith("0xAB12345678ULL &"), calls["fixed0"]
 
 
 def test_rdpmc_fast_cannot_judge():
@@ -654,10 +690,14 @@ def test_fep_loop_is_its_twin_plus_the_prefix(semantics_probe, tmp_path):
 # --- TSX cycles ---------------------------------------------------------------------------------------------------
 
 
-def tsx(in_tx: int = 1_500_000, in_txcp: int = 40_000) -> list[dict]:
-    """A "tsx" record (tsx_cycles() in semantics.c.j2) of a guest with RTM (CPUID.07H:EBX[11])."""
+def tsx(explicit: int = 1000, in_tx: int = 1_300_000, cycles: int = 5_600_000, in_txcp: int = 4_300_000,
+        cpuinfo_rtm: int = 1) -> list[dict]:  # fmt: skip
+    """A "tsx" record (tsx_cycles() in semantics.c.j2) of a guest with RTM (CPUID.07H:EBX[11]) whose 1,000
+    transactions (1,000 dec/jnz inside, 4,000 outside) all reached their xabort: ~1,300 cycles inside each,
+    ~4,300 outside."""
     return [{"probe": "semantics", "kind": "tsx", "cpuid7_ebx": 1 << 11, "cpuid7_edx": 0, "transactions": 1000,
-             "in_tx": in_tx, "in_txcp": in_txcp}]  # fmt: skip
+             "spin": 1000, "pad": 4000, "explicit_aborts": explicit, "cpuinfo_rtm": cpuinfo_rtm, "in_tx": in_tx,
+             "cycles": cycles, "in_txcp": in_txcp}]  # fmt: skip
 
 
 def test_tsx_factory_emits_the_probe_keys():
@@ -665,21 +705,62 @@ def test_tsx_factory_emits_the_probe_keys():
     assert set(tsx()[0]) == keys - {"skipped"} | {"probe", "kind"}
 
 
+def test_tsx_probe_constants_are_what_the_records_say():
+    """The verdict's bounds use the record's transactions/spin/pad; the factory mirrors the probe's #defines."""
+    defines = dict(re.findall(r"#define (TSX_TRANSACTIONS|TSX_SPIN|TSX_PAD) (\d+)", SOURCE))
+    record = tsx()[0]
+    assert (record["transactions"], record["spin"], record["pad"]) == (
+        int(defines["TSX_TRANSACTIONS"]), int(defines["TSX_SPIN"]), int(defines["TSX_PAD"]))  # fmt: skip
+    assert record["pad"] >= 4 * record["spin"]  # the non-transactional part is most of the window
+
+
 def test_tsx_cycles():
     view = intel_kvm_guest_view()
     assert sv.tsx_cycles(EXPECTED, view, tsx()).status == "pass"
+    assert sv.tsx_cycles(EXPECTED, view, tsx(explicit=3, in_tx=4_000, cycles=4_300_000, in_txcp=4_296_000)).status \
+        == "pass"  # most transactions aborted early (interrupts): judged on the three that ran  # fmt: skip
     v = sv.tsx_cycles(EXPECTED, view, tsx(in_txcp=0))
-    assert v.status == "fail" and "in_txcp" in v.reason
+    assert v.status == "fail" and "IN_TXCP 0" in v.reason
     assert sv.tsx_cycles(EXPECTED, view, tsx(in_tx=0), contention="host-pinned (pinned)").status == "skip"
     no_rtm = [{"probe": "semantics", "kind": "tsx", "cpuid7_ebx": 0, "cpuid7_edx": 0,
                "skipped": "no RTM: CPUID.07H:EBX[11] is clear"}]  # fmt: skip
     v = sv.tsx_cycles(EXPECTED, view, no_rtm)
     assert v.status == "skip" and v.reason.startswith("not-enumerated: no RTM")
-    always_abort = [{**tsx(in_tx=0)[0], "cpuid7_edx": 1 << 11}]
+    always_abort = [{**tsx(explicit=0, in_tx=0)[0], "cpuid7_edx": 1 << 11}]
     v = sv.tsx_cycles(EXPECTED, view, always_abort)
     assert v.status == "skip" and "RTM_ALWAYS_ABORT" in v.reason
     rejected = [{**tsx()[0], "failed_msr": 0x186, "error": "wrmsr", "errno": errno.EIO, "strerror": "I/O error"}]
     assert sv.tsx_cycles(EXPECTED, view, rejected).status == "fail"
+
+
+def test_tsx_transactions_that_never_reached_xabort_skip():
+    """Raw CPUID RTM, but TSX_CTRL.RTM_DISABLE (guest tsx=off) or the host's TSX_FORCE_ABORT aborts every XBEGIN at
+    once: IN_TX reads 0 and IN_TXCP equals cycles, yet that is no verdict on the vPMU."""
+    view = intel_kvm_guest_view()
+    never = tsx(explicit=0, in_tx=0, cycles=4_100_000, in_txcp=4_100_000, cpuinfo_rtm=0)
+    v = sv.tsx_cycles(EXPECTED, view, never)
+    assert v.status == "skip" and v.reason.startswith("guest-kernel:") and "reached its xabort" in v.reason
+    v = sv.tsx_cycles(EXPECTED, view, tsx(explicit=0, in_tx=0, cycles=4_100_000, in_txcp=4_100_000))
+    assert v.status == "skip" and v.reason.startswith("host:")
+
+
+def test_tsx_qualifier_dropped_fails():
+    """A vPMU that drops IN_TX (or IN_TXCP) on the way to the hardware counts every cycle of the window: IN_TX then
+    reads what the plain cycles counter reads, above cycles - the non-transactional part."""
+    view = intel_kvm_guest_view()
+    v = sv.tsx_cycles(EXPECTED, view, tsx(in_tx=5_600_000))
+    assert v.status == "fail" and "IN_TX 5,600,000 > cycles 5,600,000 - 2,000,000" in v.reason
+    assert "hsw_hw_config" in v.reason
+    # Not a host-load shortfall: it stays a FAIL under a competing load.
+    assert sv.tsx_cycles(EXPECTED, view, tsx(in_tx=5_600_000), contention="host-pinned (pinned)").status == "fail"
+    v = sv.tsx_cycles(EXPECTED, view, tsx(in_txcp=5_600_000))
+    assert v.status == "fail" and "IN_TXCP 5,600,000 > cycles 5,600,000 - 500,000" in v.reason
+    # Too little inside the transactions that reached xabort.
+    v = sv.tsx_cycles(EXPECTED, view, tsx(in_tx=1_000))
+    assert v.status == "fail" and "IN_TX 1,000 < 500,000" in v.reason
+    # A short cycles counter: only the shortfall, no bound derived from it.
+    v = sv.tsx_cycles(EXPECTED, view, tsx(cycles=1_000))
+    assert v.status == "fail" and v.reason.startswith("cycles 1,000 < 2,000,000") and "IN_TX " not in v.reason
 
 
 # --- MISC_ENABLE.PEBS_UNAVAIL -------------------------------------------------------------------------------------
@@ -700,8 +781,17 @@ def test_misc_enable_pebs():
     view = intel_kvm_guest_view()
     assert sv.misc_enable_pebs(EXPECTED, view, misc()).status == "pass"
     v = sv.misc_enable_pebs(EXPECTED, view, misc(value=0x851089))
-    assert v.status == "fail" and "PEBS_UNAVAIL" in v.reason
+    assert v.status == "fail" and "PEBS_UNAVAIL" in v.reason and "9fc222967a39" in v.reason
     # No PEBS: whatever QEMU's reset value says, no verdict.
     for record in (misc(caps=0x2000), misc(value=0x1, caps=0x2000), misc(ds=False)):
         v = sv.misc_enable_pebs(EXPECTED, view, record)
         assert v.status == "skip" and v.reason.startswith("not-enumerated:")
+
+
+def test_misc_enable_pebs_names_the_owner_by_host_kernel():
+    """Since 9fc222967a39 (6.0) KVM sets PEBS_UNAVAIL at vCPU reset and leaves the bit to the VMM."""
+    view = intel_kvm_guest_view()
+    v = sv.misc_enable_pebs(EXPECTED, view, misc(value=0x851089), {"kernel": "6.8.0-45-generic"})
+    assert v.status == "fail" and "vmm:" in v.reason and "QEMU" in v.reason and "intel_pmu_refresh" not in v.reason
+    v = sv.misc_enable_pebs(EXPECTED, view, misc(value=0x851089), {"kernel": "5.15.0-91-generic"})
+    assert v.status == "fail" and "intel_pmu_refresh() clears it" in v.reason and "vmm:" not in v.reason
