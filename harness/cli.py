@@ -151,6 +151,16 @@ def make_parser() -> argparse.ArgumentParser:
     diff_p.add_argument("old", type=Path, metavar="OLD.json")
     diff_p.add_argument("new", type=Path, metavar="NEW.json")
     diff_p.add_argument("--md", action="store_true", help="Markdown (for a CI comment)")
+    kcidb_p = report_sub.add_parser("kcidb", help="write KCIDB I/O data (KernelCI's database) from one results.json",
+                                    description="One KCIDB test per check x profile x load; the checkout and build "
+                                    "describe the host kernel the run tested (see README, KernelCI).")  # fmt: skip
+    kcidb_p.add_argument("results", type=Path, metavar="RESULTS.json")
+    kcidb_p.add_argument("--origin", default="vpmu", metavar="NAME",
+                         help="KCIDB origin: your CI system's name, [a-z0-9_]+ (default: vpmu)")  # fmt: skip
+    kcidb_p.add_argument("--checkout-id", metavar="ID",
+                         help="the CI's id of the kernel checkout under test, e.g. its commit (default: from the "
+                         "host kernel release in RESULTS.json)")  # fmt: skip
+    kcidb_p.add_argument("--out", type=Path, required=True, metavar="FILE", help="the KCIDB JSON file to write")
 
     plan_p = sub.add_parser(
         "plan",
@@ -392,6 +402,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from harness import diff, matrix, render, results
 
+    if args.report_command == "kcidb":
+        from harness import kcidb
+
+        data, checked = kcidb.write(args.results, args.out, args.origin, args.checkout_id)
+        print(f"wrote {args.out}: {kcidb.counts(data)} (KCIDB I/O {data['version']['major']}."
+              f"{data['version']['minor']}; " + ("validated with kcidb-io" if checked else "kcidb-io not installed: "
+              "not validated") + ")")  # fmt: skip
+        return ExitCode.OK
     if args.report_command == "diff":
         changes = diff.compare(results.load(args.old), results.load(args.new))
         sys.stdout.write(diff.markdown(changes) if args.md else diff.text(changes))
