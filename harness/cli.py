@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness import caps as caps_mod
-from harness import hostfacts, outputs
+from harness import hostfacts, hostpkg, outputs
 from harness.cpuid_dump import load_cpuid_dump
 from harness.errors import ExitCode, GuestError, HarnessError, OutputError, ToolMissingError, UsageError
 from harness.image import Image, build_image, find_or_build_image, kernel_release_of
@@ -332,7 +332,8 @@ def _check_guest_inputs(args: argparse.Namespace) -> None:
     """Before pytest starts: QEMU is installed, --image is an image, --kernel a bzImage (inside pytest these
     would surface as an error per check, after the suite has been collected)."""
     if shutil.which(hostfacts.QEMU_BINARY) is None:
-        raise ToolMissingError(f"{hostfacts.QEMU_BINARY} is not installed (Debian package qemu-system-x86)")
+        qemu = hostfacts.QEMU_BINARY
+        raise ToolMissingError(f"{qemu} is not installed; {hostpkg.install_hint(qemu)}")
     if args.image is not None:
         Image.load(args.image)
     if args.kernel is not None:
@@ -343,8 +344,8 @@ def _check_load_programs(loads: list[LoadSpec]) -> None:
     """A selected host load whose program (perf) is not installed: one line before any boot, not a SKIP per check."""
     for spec in loads:
         if spec.command and shutil.which(spec.command[0]) is None:
-            package = " (Debian package linux-perf)" if spec.command[0] == "perf" else ""
-            raise ToolMissingError(f"load '{spec.name}' needs `{spec.command[0]}`, which is not installed{package}")
+            hint = f"; {hostpkg.install_hint('perf')}" if spec.command[0] == "perf" else ""
+            raise ToolMissingError(f"load '{spec.name}' needs `{spec.command[0]}`, which is not installed{hint}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
