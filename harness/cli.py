@@ -306,6 +306,10 @@ def cmd_exec(args: argparse.Namespace) -> int:
 PYTEST_EXIT = {0: ExitCode.OK, 1: ExitCode.FAILED, 2: ExitCode.INTERRUPTED, 3: ExitCode.FAILED, 4: ExitCode.USAGE}
 
 
+#: The vpmu plugin by name: loaded even where PYTEST_DISABLE_PLUGIN_AUTOLOAD turns off the pytest11 entry point of an
+#: installed wheel (in a checkout, conftest.py then finds it registered).
+PLUGIN = ("-p", "harness.pytest_plugin")
+
 #: What run and rejudge write into --out (each whole or not at all: harness.outputs).
 REPORT_FILES = ("results.json", "junit.xml", "matrix.md", "matrix.html")
 
@@ -366,7 +370,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_guest_inputs(args)
     _check_load_programs([loads[name] for name in selected_loads])
     out = outputs.prepare_dir(args.out, "--out", REPORT_FILES, subdirs=["logs"])  # before anything boots
-    argv = [str(GUEST_TESTS_DIR), "-p", "no:cacheprovider", "-q", "--profiles-file", str(args.profiles_file),
+    argv = [str(GUEST_TESTS_DIR), *PLUGIN, "-p", "no:cacheprovider", "-q", "--profiles-file", str(args.profiles_file),
             "--results", str(out / "results.json"), "--junitxml", str(out / "junit.xml"),
             "--vpmu-log-dir", str(out / "logs")]  # fmt: skip
     for name in args.profile:
@@ -456,8 +460,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         select_profile(profiles, name, args.profiles_file)
     with _temporary_directory("vpmu-plan-") as tmp:
         target = Path(tmp) / "plan.json"
-        argv = [str(GUEST_TESTS_DIR), "-p", "no:cacheprovider", "-q", "--collect-only", "--vpmu-plan", str(target),
-                "--vpmu-host-facts", str(args.host_facts), "--profiles-file", str(args.profiles_file)]  # fmt: skip
+        argv = [str(GUEST_TESTS_DIR), *PLUGIN, "-p", "no:cacheprovider", "-q", "--collect-only",
+                "--vpmu-plan", str(target), "--vpmu-host-facts", str(args.host_facts),
+                "--profiles-file", str(args.profiles_file)]  # fmt: skip
         for name in args.profile:
             argv += ["--profile", name]
         if args.accel:
@@ -484,8 +489,9 @@ def cmd_rejudge(args: argparse.Namespace) -> int:
         plan.load_host_facts(args.host_facts)
     out = outputs.prepare_dir(args.out, "--out", REPORT_FILES)
     # --tb=native: Python's own tracebacks; pytest's source-annotated ones cost a second per 100 errors here.
-    argv = [str(GUEST_TESTS_DIR), "-p", "no:cacheprovider", "-q", "--tb=native", "--vpmu-replay", str(args.results),
-            "--results", str(out / "results.json"), "--junitxml", str(out / "junit.xml")]  # fmt: skip
+    argv = [str(GUEST_TESTS_DIR), *PLUGIN, "-p", "no:cacheprovider", "-q", "--tb=native",
+            "--vpmu-replay", str(args.results), "--results", str(out / "results.json"),
+            "--junitxml", str(out / "junit.xml")]  # fmt: skip
     if args.host_facts is not None:
         argv += ["--vpmu-host-facts", str(args.host_facts)]
     session = _SessionConfig()

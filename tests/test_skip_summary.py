@@ -68,7 +68,8 @@ def test_real_run_prints_the_grouped_reasons_and_junit_carries_them(suite_run):
     document = results.load(out / "results.json")
     reasons = collections.Counter(c["reason"] for run in document["runs"] for c in run["checks"]
                                   if c["status"] == "skip")  # fmt: skip
-    section = proc.stdout.split("vpmu SKIP and ERROR reasons", 1)[1].split("=====", 1)[0]
+    after_title = proc.stdout.split("vpmu SKIP and ERROR reasons", 1)[1].split("\n", 1)[1]
+    section = after_title.split("=====", 1)[0]
     top, count = next(iter(sorted(reasons.items(), key=lambda kv: -kv[1])))
     assert f"{count} x SKIP {top.splitlines()[0]} [" in section, section[:2000]
     # JUnit: every skipped testcase's message is its check's reason in results.json, word for word
