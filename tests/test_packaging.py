@@ -77,6 +77,8 @@ def test_wheel_installs_and_runs_from_anywhere(tmp_path, guest_image):
     assert where.stdout.split() == [str(site / "harness" / "guest_tests"), "True"], where.stdout + where.stderr
     assert not list(site.rglob("conftest.py")), "the wheel must not need a conftest.py"
 
+    text = _run([vpmu, "doctor"], work, env)
+    assert text.returncode == 0 and "QEMU" in text.stdout, text.stdout + text.stderr
     doctor = _run([vpmu, "doctor", "--json"], work, env)
     assert doctor.returncode == 0, doctor.stderr
     (work / "doctor.json").write_text(doctor.stdout)
