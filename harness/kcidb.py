@@ -38,8 +38,10 @@ STATUS = {"pass": "PASS", "fail": "FAIL", "skip": "SKIP", "error": "ERROR"}
 #: KCIDB's origin pattern (schema: ``^[a-z0-9_]+$``).
 ORIGIN_RE = re.compile(r"[a-z0-9_]+")
 _PATH_BAD = re.compile(r"[^A-Za-z0-9_-]")
-#: KCIDB limits log excerpts to 16 KiB; comments are free text but kept to one readable line.
+#: Comments are free text, kept to one readable line; KCIDB limits log excerpts to 16 KiB (and so does vpmu the
+#: reason under misc: an ERROR's reason carries the guest's serial tail).
 COMMENT_MAX = 300
+EXCERPT_MAX = 16384
 
 
 def check_origin(origin: str) -> str:
@@ -139,7 +141,7 @@ def _slug(text: str) -> str:
 def _test(run: dict[str, Any], check: dict[str, Any], build_id: str, origin: str, digest: str,
           env: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     profile, load = run["profile"], run["load"]
-    reason = str(check.get("reason") or "").replace("\0", "")
+    reason = str(check.get("reason") or "").replace("\0", "")[:EXCERPT_MAX]
     misc: dict[str, Any] = {"check_id": check["id"], "feature": check.get("feature"), "profile": profile,
                             "load": load, "accel": run.get("accel"), "reason": reason}  # fmt: skip
     key = key_number(check)
@@ -155,6 +157,8 @@ def _test(run: dict[str, Any], check: dict[str, Any], build_id: str, origin: str
         "environment": env,
         "misc": misc,
     }
+    if check["status"] in ("fail", "error") and reason:
+        test["log_excerpt"] = reason  # what went wrong, where a dashboard shows a failure's log
     duration = check.get("duration_s")
     if isinstance(duration, (int, float)) and not isinstance(duration, bool) and duration >= 0:
         test["duration"] = float(duration)

@@ -22,6 +22,7 @@ def sample() -> dict:
     doc = document()
     doc["runs"][0]["checks"].append(check("pebs.precise_ip.1", "skip", "pebs", "kvm-limit: no adaptive PEBS"))
     doc["runs"][0]["checks"].append(check("odd id/with space", "pass", "other", "fine\nsecond line"))
+    doc["runs"][0]["checks"].append(check("arch.long", "error", reason="guest lost\n" + "serial tail " * 2000))
     return doc
 
 
@@ -30,7 +31,7 @@ def test_output_validates_with_kcidb_io():
     schema.V5_3.validate_exactly(data)
     schema.LATEST.validate(data)  # and the newest schema kcidb-io knows accepts it (as v5.3 data)
     assert data["version"] == {"major": 5, "minor": 3}
-    assert kcidb.counts(data) == "1 checkout, 1 build, 6 tests"
+    assert kcidb.counts(data) == "1 checkout, 1 build, 7 tests"
     tests = {t["misc"]["check_id"]: t for t in data["tests"]}
     assert [t["status"] for t in data["tests"][:4]] == ["PASS", "FAIL", "SKIP", "ERROR"]
     gp = tests["arch.gp.instructions"]
@@ -43,6 +44,9 @@ def test_output_validates_with_kcidb_io():
     assert env["cpu_model"] == "Intel Xeon" and env["microcode"] == "0x2b000590" and env["kernel"] == "6.12.0"
     assert env["kvm_enable_pmu"] == "Y" and env["vpmu_mode"] == "perf-based" and env["qemu_version"] == "9.2.0"
     assert "kernel 6.12.0" in gp["environment"]["comment"]
+    assert gp["log_excerpt"] == gp["misc"]["reason"] and "log_excerpt" not in tests["arch.fixed.3"]
+    assert tests["arch.rdpmc"]["log_excerpt"].startswith("probe counters: killed by signal 11")
+    assert len(tests["arch.long"]["log_excerpt"]) == kcidb.EXCERPT_MAX  # a serial tail longer than KCIDB takes
     assert tests["pebs.precise_ip.1"]["path"] == "vpmu.pebs.precise_ip.1"
     assert tests["odd id/with space"]["path"] == "vpmu.odd_id_with_space"
     assert "\n" not in tests["odd id/with space"]["comment"]
@@ -88,7 +92,7 @@ def test_cli_writes_validated_kcidb_with_stable_ids(tmp_path):
     argv = ["report", "kcidb", str(source), "--origin", "acme_lab", "--checkout-id", COMMIT, "--out", str(out)]
     proc = run_cli(*argv)
     assert proc.returncode == 0, proc.stderr
-    assert "1 checkout, 1 build, 6 tests" in proc.stdout and "validated with kcidb-io" in proc.stdout
+    assert "1 checkout, 1 build, 7 tests" in proc.stdout and "validated with kcidb-io" in proc.stdout
     data = json.loads(out.read_text())
     schema.V5_3.validate_exactly(data)
     assert data["checkouts"][0]["id"] == f"acme_lab:{COMMIT}" and data["checkouts"][0]["git_commit_hash"] == COMMIT

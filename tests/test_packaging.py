@@ -52,11 +52,13 @@ def test_wheel_installs_and_runs_from_anywhere(tmp_path, guest_image):
     assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
     (wheel,) = dist.glob("vpmu-*.whl")
 
-    # Every file of the suite and of the image recipe is in the wheel, under harness/.
+    # Every file of the library, of the suite and of the image recipe is in the wheel, under harness/ (a new data
+    # file type or subpackage needs its line in pyproject.toml).
     names = set(zipfile.ZipFile(wheel).namelist())
-    for folder in ("guest_tests", "images"):
-        missing = {f"harness/{folder}/{name}" for name in _data_files(REPO_ROOT / folder)} - names
-        assert not missing, f"not in the wheel (pyproject.toml package-data): {sorted(missing)}"
+    for folder in ("harness", "guest_tests", "images"):
+        inside = "harness" if folder == "harness" else f"harness/{folder}"
+        missing = {f"{inside}/{name}" for name in _data_files(REPO_ROOT / folder)} - names
+        assert not missing, f"not in the wheel (pyproject.toml packages/package-data): {sorted(missing)}"
     assert "harness/templates/matrix.html.j2" in names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "[pytest11]" in zipfile.ZipFile(wheel).read(entry_points).decode()
