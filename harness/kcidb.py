@@ -147,6 +147,7 @@ def _test(run: dict[str, Any], check: dict[str, Any], build_id: str, origin: str
     key = key_number(check)
     if key:
         misc["key_number"] = key
+    misc = {k: v for k, v in misc.items() if v is not None}  # KCIDB: a missing value is absent, never null
     test: dict[str, Any] = {
         "id": f"{origin}:{digest}:{profile}:{load}:{check['id']}",
         "build_id": build_id,
