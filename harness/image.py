@@ -16,9 +16,11 @@ answer is computed again.
 from __future__ import annotations
 
 import errno
+import gzip
 import hashlib
 import json
 import logging
+import lzma
 import os
 import re
 import shutil
@@ -37,7 +39,7 @@ from harness.errors import ImageBuildError, OutputError, ToolMissingError, Usage
 from harness.paths import IMAGES_DIR, cache_root
 
 #: Bump when the image layout or the way it is assembled changes, so old caches are not reused.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 DEFAULT_KERNEL_PACKAGE = "linux-image-cloud-amd64"
 #: Modules the guest needs: the NIC for SSH (virtio-net on virtio-pci), and the msr/cpuid character devices
 #: the probes read (/dev/cpu/N/msr, /dev/cpu/N/cpuid). Their dependencies are resolved by depmod.
@@ -408,6 +410,28 @@ def resolve_module_order(root: Path, release: str, names: tuple[str, ...] = GUES
     return order
 
 
+def module_payload(root: Path, module: str) -> tuple[str, bytes]:
+    """A module as the guest's busybox insmod takes it: a plain ``.ko``. Fedora, RHEL and newer Ubuntu kernels
+    compress their modules (xz, zstd); those are decompressed here, and the guest path loses the suffix.
+
+    :raises ToolMissingError: a zstd-compressed module and no ``zstd`` program.
+    """
+    data = (root / module).read_bytes()
+    if module.endswith(".ko.xz"):
+        return module.removesuffix(".xz"), lzma.decompress(data)
+    if module.endswith(".ko.gz"):
+        return module.removesuffix(".gz"), gzip.decompress(data)
+    if module.endswith(".ko.zst"):
+        zstd = shutil.which("zstd")
+        if zstd is None:
+            raise ToolMissingError(f"{module} is zstd-compressed and `zstd` is not installed (package zstd)")
+        done = subprocess.run([zstd, "-dcq"], input=data, capture_output=True, timeout=60, check=False)
+        if done.returncode != 0:
+            raise ImageBuildError(f"zstd could not decompress {module}: {done.stderr.decode(errors='replace')}")
+        return module.removesuffix(".zst"), done.stdout
+    return module, data
+
+
 def _binaries() -> dict[str, Path]:
     found = {
         "busybox": Path(_which("busybox")),
@@ -518,9 +542,11 @@ def assemble_rootfs(
         fs.symlink(applet, "/bin/busybox")
     fs.binary(binaries["dropbear"], "usr/sbin/dropbear")
     fs.binary(binaries["sftp-server"], guest_sftp_server(binaries["dropbear"]))
-    modules = resolve_module_order(kernel_root, release)
-    for module in modules:
-        fs.file(module, (kernel_root / module).read_bytes())
+    modules = []
+    for module in resolve_module_order(kernel_root, release):
+        name, data = module_payload(kernel_root, module)
+        fs.file(name, data)
+        modules.append(name)
     template = jinja2.Template((IMAGES_DIR / "rc.sysinit.j2").read_text(), undefined=jinja2.StrictUndefined)
     rc = template.render(modules=modules, marker=READY_MARKER, guest_ip=GUEST_IP, gateway_ip=GATEWAY_IP)
     fs.file("etc/vpmu/rc.sysinit", rc.encode(), 0o755)

@@ -7,6 +7,8 @@ programs that record what they are asked, and the Fedora layout is laid out with
 
 from __future__ import annotations
 
+import gzip
+import lzma
 import os
 import shutil
 import stat
@@ -146,3 +148,18 @@ def test_install_without_apt_or_dnf_lists_both_names(tmp_path):
     assert proc.returncode == 1
     assert "(Debian names): qemu-system-x86 busybox-static" in proc.stderr
     assert "(Fedora names): qemu-system-x86 busybox dropbear openssh-server" in proc.stderr
+
+
+def test_compressed_modules_reach_the_guest_as_plain_ko(tmp_path):
+    """Fedora and RHEL ship modules as .ko.xz, newer Ubuntu as .ko.zst; busybox insmod in the guest takes .ko."""
+    plain = b"\x7fELF module bytes " * 100
+    kernel = tmp_path / "lib" / "modules" / "6.9.0" / "kernel"
+    kernel.mkdir(parents=True)
+    (kernel / "msr.ko.xz").write_bytes(lzma.compress(plain))
+    (kernel / "cpuid.ko.gz").write_bytes(gzip.compress(plain))
+    (kernel / "virtio.ko").write_bytes(plain)
+    subprocess.run(["zstd", "-q", "--rm", str(kernel / "virtio.ko"), "-o", str(kernel / "virtio.ko.zst")], check=True)
+    (kernel / "virtio.ko").write_bytes(plain)
+    for name in ("msr.ko.xz", "cpuid.ko.gz", "virtio.ko.zst", "virtio.ko"):
+        guest, data = image.module_payload(tmp_path, f"lib/modules/6.9.0/kernel/{name}")
+        assert guest == f"lib/modules/6.9.0/kernel/{name.split('.ko')[0]}.ko" and data == plain, name
