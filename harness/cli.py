@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness import caps as caps_mod
-from harness import hostfacts, outputs
+from harness import hostfacts, hostpkg, outputs
 from harness.cpuid_dump import load_cpuid_dump
 from harness.errors import ExitCode, GuestError, HarnessError, OutputError, ToolMissingError, UsageError
 from harness.image import Image, build_image, find_or_build_image, kernel_release_of
@@ -151,6 +151,16 @@ def make_parser() -> argparse.ArgumentParser:
     diff_p.add_argument("old", type=Path, metavar="OLD.json")
     diff_p.add_argument("new", type=Path, metavar="NEW.json")
     diff_p.add_argument("--md", action="store_true", help="Markdown (for a CI comment)")
+    kcidb_p = report_sub.add_parser("kcidb", help="write KCIDB I/O data (KernelCI's database) from one results.json",
+                                    description="One KCIDB test per check x profile x load; the checkout and build "
+                                    "describe the host kernel the run tested (see README, KernelCI).")  # fmt: skip
+    kcidb_p.add_argument("results", type=Path, metavar="RESULTS.json")
+    kcidb_p.add_argument("--origin", default="vpmu", metavar="NAME",
+                         help="KCIDB origin: your CI system's name, [a-z0-9_]+ (default: vpmu)")  # fmt: skip
+    kcidb_p.add_argument("--checkout-id", metavar="ID",
+                         help="the CI's id of the kernel checkout under test, e.g. its commit (default: from the "
+                         "host kernel release in RESULTS.json)")  # fmt: skip
+    kcidb_p.add_argument("--out", type=Path, required=True, metavar="FILE", help="the KCIDB JSON file to write")
 
     plan_p = sub.add_parser(
         "plan",
@@ -296,6 +306,10 @@ def cmd_exec(args: argparse.Namespace) -> int:
 PYTEST_EXIT = {0: ExitCode.OK, 1: ExitCode.FAILED, 2: ExitCode.INTERRUPTED, 3: ExitCode.FAILED, 4: ExitCode.USAGE}
 
 
+#: The vpmu plugin by name: loaded even where PYTEST_DISABLE_PLUGIN_AUTOLOAD turns off the pytest11 entry point of an
+#: installed wheel (in a checkout, conftest.py then finds it registered).
+PLUGIN = ("-p", "harness.pytest_plugin")
+
 #: What run and rejudge write into --out (each whole or not at all: harness.outputs).
 REPORT_FILES = ("results.json", "junit.xml", "matrix.md", "matrix.html")
 
@@ -322,7 +336,8 @@ def _check_guest_inputs(args: argparse.Namespace) -> None:
     """Before pytest starts: QEMU is installed, --image is an image, --kernel a bzImage (inside pytest these
     would surface as an error per check, after the suite has been collected)."""
     if shutil.which(hostfacts.QEMU_BINARY) is None:
-        raise ToolMissingError(f"{hostfacts.QEMU_BINARY} is not installed (Debian package qemu-system-x86)")
+        qemu = hostfacts.QEMU_BINARY
+        raise ToolMissingError(f"{qemu} is not installed; {hostpkg.install_hint(qemu)}")
     if args.image is not None:
         Image.load(args.image)
     if args.kernel is not None:
@@ -333,8 +348,8 @@ def _check_load_programs(loads: list[LoadSpec]) -> None:
     """A selected host load whose program (perf) is not installed: one line before any boot, not a SKIP per check."""
     for spec in loads:
         if spec.command and shutil.which(spec.command[0]) is None:
-            package = " (Debian package linux-perf)" if spec.command[0] == "perf" else ""
-            raise ToolMissingError(f"load '{spec.name}' needs `{spec.command[0]}`, which is not installed{package}")
+            hint = f"; {hostpkg.install_hint('perf')}" if spec.command[0] == "perf" else ""
+            raise ToolMissingError(f"load '{spec.name}' needs `{spec.command[0]}`, which is not installed{hint}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -355,7 +370,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_guest_inputs(args)
     _check_load_programs([loads[name] for name in selected_loads])
     out = outputs.prepare_dir(args.out, "--out", REPORT_FILES, subdirs=["logs"])  # before anything boots
-    argv = [str(GUEST_TESTS_DIR), "-p", "no:cacheprovider", "-q", "--profiles-file", str(args.profiles_file),
+    argv = [str(GUEST_TESTS_DIR), *PLUGIN, "-p", "no:cacheprovider", "-q", "--profiles-file", str(args.profiles_file),
             "--results", str(out / "results.json"), "--junitxml", str(out / "junit.xml"),
             "--vpmu-log-dir", str(out / "logs")]  # fmt: skip
     for name in args.profile:
@@ -396,6 +411,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from harness import diff, matrix, render, results
 
+    if args.report_command == "kcidb":
+        from harness import kcidb
+
+        data, checked = kcidb.write(args.results, args.out, args.origin, args.checkout_id)
+        print(f"wrote {args.out}: {kcidb.counts(data)} (KCIDB I/O {data['version']['major']}."
+              f"{data['version']['minor']}; " + ("validated with kcidb-io" if checked else "kcidb-io not installed: "
+              "not validated") + ")")  # fmt: skip
+        return ExitCode.OK
     if args.report_command == "diff":
         changes = diff.compare(results.load(args.old), results.load(args.new))
         sys.stdout.write(diff.markdown(changes) if args.md else diff.text(changes))
@@ -441,8 +464,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         select_profile(profiles, name, args.profiles_file)
     with _temporary_directory("vpmu-plan-") as tmp:
         target = Path(tmp) / "plan.json"
-        argv = [str(GUEST_TESTS_DIR), "-p", "no:cacheprovider", "-q", "--collect-only", "--vpmu-plan", str(target),
-                "--vpmu-host-facts", str(args.host_facts), "--profiles-file", str(args.profiles_file)]  # fmt: skip
+        argv = [str(GUEST_TESTS_DIR), *PLUGIN, "-p", "no:cacheprovider", "-q", "--collect-only",
+                "--vpmu-plan", str(target), "--vpmu-host-facts", str(args.host_facts),
+                "--profiles-file", str(args.profiles_file)]  # fmt: skip
         for name in args.profile:
             argv += ["--profile", name]
         if args.accel:
@@ -469,8 +493,9 @@ def cmd_rejudge(args: argparse.Namespace) -> int:
         plan.load_host_facts(args.host_facts)
     out = outputs.prepare_dir(args.out, "--out", REPORT_FILES)
     # --tb=native: Python's own tracebacks; pytest's source-annotated ones cost a second per 100 errors here.
-    argv = [str(GUEST_TESTS_DIR), "-p", "no:cacheprovider", "-q", "--tb=native", "--vpmu-replay", str(args.results),
-            "--results", str(out / "results.json"), "--junitxml", str(out / "junit.xml")]  # fmt: skip
+    argv = [str(GUEST_TESTS_DIR), *PLUGIN, "-p", "no:cacheprovider", "-q", "--tb=native",
+            "--vpmu-replay", str(args.results), "--results", str(out / "results.json"),
+            "--junitxml", str(out / "junit.xml")]  # fmt: skip
     if args.host_facts is not None:
         argv += ["--vpmu-host-facts", str(args.host_facts)]
     session = _SessionConfig()

@@ -3,7 +3,8 @@
 The image directory holds ``vmlinuz``, ``initramfs.cpio.gz``, the client key pair, the pinned host public key and
 ``manifest.json``. It is cached by a key that hashes every input (kernel package version or kernel file,
 binaries and their libraries, the init files, the module list), so a second build with the same inputs is a
-no-op. Every tool the build runs is checked first and a missing one names its Debian package.
+no-op. Every tool the build runs is checked first and a missing one names the package that provides it on this host
+(Debian/Ubuntu or Fedora/CentOS Stream/RHEL names: harness.hostpkg).
 
 Computing that key (apt-cache to resolve the Debian kernel, ldd of each binary, sha256 of every input) took about
 2 s of every ``exec``; :class:`KeyMemo` keeps each of those answers in the cache directory, keyed by the identity
@@ -15,9 +16,11 @@ answer is computed again.
 from __future__ import annotations
 
 import errno
+import gzip
 import hashlib
 import json
 import logging
+import lzma
 import os
 import re
 import shutil
@@ -31,12 +34,12 @@ from typing import Any
 
 import jinja2
 
-from harness import cpio, outputs
+from harness import cpio, hostpkg, outputs
 from harness.errors import ImageBuildError, OutputError, ToolMissingError, UsageError
 from harness.paths import IMAGES_DIR, cache_root
 
 #: Bump when the image layout or the way it is assembled changes, so old caches are not reused.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 DEFAULT_KERNEL_PACKAGE = "linux-image-cloud-amd64"
 #: Modules the guest needs: the NIC for SSH (virtio-net on virtio-pci), and the msr/cpuid character devices
 #: the probes read (/dev/cpu/N/msr, /dev/cpu/N/cpuid). Their dependencies are resolved by depmod.
@@ -46,23 +49,14 @@ READY_MARKER = "VPMU-GUEST-READY"
 #: QEMU user-mode networking's fixed guest address and gateway (docs/system/devices/net.rst, "slirp").
 GUEST_IP = "10.0.2.15"
 GATEWAY_IP = "10.0.2.2"
-#: dropbear execs this path for the SFTP subsystem (compile-time SFTPSERVER_PATH in Debian's build).
+#: dropbear execs this path for the SFTP subsystem (compile-time SFTPSERVER_PATH in Debian's build); a dropbear
+#: built otherwise (Fedora's: /usr/libexec/openssh/sftp-server) names its own path, read from the binary.
 GUEST_SFTP_SERVER = "usr/lib/sftp-server"
 HOST_SFTP_SERVER = Path("/usr/lib/openssh/sftp-server")
+#: Where hosts keep OpenSSH's sftp-server: Debian/Ubuntu, then Fedora/CentOS Stream/RHEL.
+HOST_SFTP_SERVERS = (HOST_SFTP_SERVER, Path("/usr/libexec/openssh/sftp-server"))
 
 IMAGE_FILES = ("vmlinuz", "initramfs.cpio.gz", "id_ed25519", "id_ed25519.pub", "host_key.pub", "manifest.json")
-# Debian packages that provide the programs the build runs.
-TOOL_PACKAGES = {
-    "apt-get": "apt",
-    "apt-cache": "apt",
-    "dpkg-deb": "dpkg",
-    "depmod": "kmod",
-    "modprobe": "kmod",
-    "ldd": "libc-bin",
-    "busybox": "busybox-static",
-    "dropbear": "dropbear-bin",
-    "dropbearkey": "dropbear-bin",
-}
 
 Log = Callable[[str], None]
 LOG = logging.getLogger(__name__)
@@ -124,7 +118,7 @@ class BuildResult:
 def _which(tool: str) -> str:
     path = shutil.which(tool) or (f"/usr/sbin/{tool}" if os.path.exists(f"/usr/sbin/{tool}") else None)
     if path is None:
-        raise ToolMissingError(f"`{tool}` not found; install the Debian package {TOOL_PACKAGES.get(tool, tool)}")
+        raise ToolMissingError(f"`{tool}` not found; {hostpkg.install_hint(tool)}")
     return path
 
 
@@ -416,16 +410,47 @@ def resolve_module_order(root: Path, release: str, names: tuple[str, ...] = GUES
     return order
 
 
+def module_payload(root: Path, module: str) -> tuple[str, bytes]:
+    """A module as the guest's busybox insmod takes it: a plain ``.ko``. Fedora, RHEL and newer Ubuntu kernels
+    compress their modules (xz, zstd); those are decompressed here, and the guest path loses the suffix.
+
+    :raises ToolMissingError: a zstd-compressed module and no ``zstd`` program.
+    """
+    data = (root / module).read_bytes()
+    if module.endswith(".ko.xz"):
+        return module.removesuffix(".xz"), lzma.decompress(data)
+    if module.endswith(".ko.gz"):
+        return module.removesuffix(".gz"), gzip.decompress(data)
+    if module.endswith(".ko.zst"):
+        zstd = shutil.which("zstd")
+        if zstd is None:
+            raise ToolMissingError(f"{module} is zstd-compressed and `zstd` is not installed (package zstd)")
+        done = subprocess.run([zstd, "-dcq"], input=data, capture_output=True, timeout=60, check=False)
+        if done.returncode != 0:
+            raise ImageBuildError(f"zstd could not decompress {module}: {done.stderr.decode(errors='replace')}")
+        return module.removesuffix(".zst"), done.stdout
+    return module, data
+
+
 def _binaries() -> dict[str, Path]:
     found = {
         "busybox": Path(_which("busybox")),
         "dropbear": Path(_which("dropbear")),
         "dropbearkey": Path(_which("dropbearkey")),
     }
-    if not HOST_SFTP_SERVER.exists():
-        raise ToolMissingError(f"{HOST_SFTP_SERVER} not found; install the Debian package openssh-sftp-server")
-    found["sftp-server"] = HOST_SFTP_SERVER
+    sftp = next((path for path in HOST_SFTP_SERVERS if path.exists()), None)
+    if sftp is None:
+        raise ToolMissingError(f"OpenSSH's sftp-server not found ({' or '.join(map(str, HOST_SFTP_SERVERS))}); "
+                               f"{hostpkg.install_hint('sftp-server')}")  # fmt: skip
+    found["sftp-server"] = sftp
     return found
+
+
+def guest_sftp_server(dropbear: Path) -> str:
+    """Where the guest must hold sftp-server: the SFTPSERVER_PATH compiled into ``dropbear`` (the one absolute path
+    ending in /sftp-server among its strings), else Debian's."""
+    match = re.search(rb"\0(/[A-Za-z0-9_./-]*/sftp-server)\0", dropbear.read_bytes())
+    return match.group(1).decode().lstrip("/") if match else GUEST_SFTP_SERVER
 
 
 def cache_key(source: KernelSource, binaries: dict[str, Path], memo: KeyMemo = NO_MEMO) -> str:
@@ -436,7 +461,7 @@ def cache_key(source: KernelSource, binaries: dict[str, Path], memo: KeyMemo = N
         "builder": BUILDER_VERSION,
         "kernel": source.key,
         "modules": list(GUEST_MODULES),
-        "rendered": [READY_MARKER, GUEST_IP, GATEWAY_IP, GUEST_SFTP_SERVER],
+        "rendered": [READY_MARKER, GUEST_IP, GATEWAY_IP, guest_sftp_server(binaries["dropbear"])],
         "binaries": {name: memo.sha256(path) for name, path in sorted(binaries.items())},
         "libraries": sorted({memo.sha256(lib) for lib in libraries}),
         "files": {p.name: memo.sha256(p) for p in sorted(IMAGES_DIR.iterdir()) if p.is_file()},
@@ -526,10 +551,12 @@ def assemble_rootfs(
     for applet in applets:
         fs.symlink(applet, "/bin/busybox")
     fs.binary(binaries["dropbear"], "usr/sbin/dropbear")
-    fs.binary(binaries["sftp-server"], GUEST_SFTP_SERVER)
-    modules = resolve_module_order(kernel_root, release)
-    for module in modules:
-        fs.file(module, (kernel_root / module).read_bytes())
+    fs.binary(binaries["sftp-server"], guest_sftp_server(binaries["dropbear"]))
+    modules = []
+    for module in resolve_module_order(kernel_root, release):
+        name, data = module_payload(kernel_root, module)
+        fs.file(name, data)
+        modules.append(name)
     template = jinja2.Template((IMAGES_DIR / "rc.sysinit.j2").read_text(), undefined=jinja2.StrictUndefined)
     rc = template.render(modules=modules, marker=READY_MARKER, guest_ip=GUEST_IP, gateway_ip=GATEWAY_IP)
     fs.file("etc/vpmu/rc.sysinit", rc.encode(), 0o755)
@@ -559,7 +586,7 @@ def build_image(
     memo = KeyMemo.in_cache()
     source = local_kernel(kernel, modules_dir, memo) if kernel else resolve_debian_kernel(memo=memo)
     binaries = _binaries()
-    for tool in ("depmod", "modprobe", "ldd", "dpkg-deb"):
+    for tool in ("depmod", "modprobe", "ldd") + (("dpkg-deb",) if source.kernel_path is None else ()):
         _which(tool)
     key = cache_key(source, binaries, memo)
     memo.save()

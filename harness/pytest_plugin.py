@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from _pytest import junitxml  # xml_key: pytest's junit writer, which writes in place
 
-from harness import coexist, coexist_depth, hostfacts, matrix, outputs, plan, render, results
+from harness import coexist, coexist_depth, hostfacts, matrix, outputs, plan, render, results, skip_summary
 from harness.cpu_model import CpuModel
 from harness.errors import GuestError, HarnessError, OutputError, UsageError
 from harness.expectations import Context, first_unmet, host_offer_notes
@@ -519,6 +519,12 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         f"SUMMARY: {total} checks, {counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped, "
         f"{counts['error']} errors"
     )
+    reasons = skip_summary.group((f"{profile}/{load}", c["id"], c["status"], c["reason"])
+                                 for (profile, load), checks in checks_by_run for c in checks)  # fmt: skip
+    if reasons:
+        terminalreporter.section("vpmu SKIP and ERROR reasons")
+        for line in skip_summary.lines(reasons, len(checks_by_run)):
+            terminalreporter.write_line(line)
     if state.replay is not None:
         terminalreporter.write_line(f"REJUDGE: {marks['rejudged']} checks judged again ({marks['changed']} changed), "
                                     f"{marks['kept']} kept as stored (inputs not stored)")  # fmt: skip
@@ -694,10 +700,12 @@ class CheckRecorder:
     def judge(self, verdict: Verdict, measurements: list[dict[str, Any]] | None = None) -> None:
         self.record.verdict = verdict
         self.record.measurements = list(measurements or [])
+        # the reason results.json records (pytest_runtest_makereport), so junit.xml's message says the same words
+        reason = verdict.reason + "".join(f" [offer: {note}]" for note in self.record.offer_notes)
         if verdict.status == "skip":
-            pytest.skip(verdict.reason)
+            pytest.skip(reason)
         if verdict.status == "fail":
-            pytest.fail(verdict.reason, pytrace=False)
+            pytest.fail(reason, pytrace=False)
         if verdict.status == "error":
             raise CheckError(verdict.reason)
 

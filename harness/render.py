@@ -13,7 +13,7 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
-from harness import lifecycle_verdicts, outputs, svg
+from harness import lifecycle_verdicts, outputs, skip_summary, svg
 from harness.expectations import host_offer_notes
 from harness.kvm_offer import describe as describe_offer
 from harness.matrix import SYMBOLS, Matrix
@@ -57,10 +57,12 @@ def html(matrix: Matrix) -> str:
                        "boot_s": run.get("boot_s"), "features": sorted((guest.get("features") or {}).items()),
                        "note": note})  # fmt: skip
     counts = matrix.counts()
+    reasons = [{"count": g.count, "status": g.status, "reason": g.reason, "columns": g.columns_text(len(columns))}
+               for g in skip_summary.matrix_groups(matrix)]  # fmt: skip
     return _environment().get_template("matrix.html.j2").render(
         total=sum(counts.values()), counts=counts, generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         hosts=hosts, columns=columns, groups=groups, feature_tables=tables, mux=_mux_sections(matrix),
-        lifecycle=_lifecycle_sections(matrix),
+        lifecycle=_lifecycle_sections(matrix), reasons=reasons,
     )  # fmt: skip
 
 
@@ -96,7 +98,10 @@ def _md_escape(text: str) -> str:
 
 def markdown(matrix: Matrix) -> str:
     counts = matrix.counts()
-    lines = ["# vpmu feature matrix", ""]
+    # The verdict summary and the reasons first: a reader knows at once why the matrix is grey.
+    lines = ["# vpmu feature matrix", "", f"**{sum(counts.values())} checks: {counts['pass']} passed, "
+             f"{counts['fail']} failed, {counts['skip']} skipped, {counts['error']} errors**", ""]  # fmt: skip
+    lines += skip_summary.markdown(skip_summary.matrix_groups(matrix), len(matrix.columns), _md_escape)
     for host in matrix.hosts:
         kvm = host.get("kvm", {})
         lines.append(f"- **{host['label']}**: {host.get('cpu', {}).get('model_name') or '?'}, kernel "
@@ -106,8 +111,7 @@ def markdown(matrix: Matrix) -> str:
         offer = _offer(host)
         lines.append(f"  - KVM offer: {_md_escape(offer['offer_summary'])}")
         lines += [f"  - **offer vs kvm_features.toml**: {_md_escape(note)}" for note in offer["offer_notes"]]
-    lines += ["", f"**{sum(counts.values())} checks: {counts['pass']} passed, {counts['fail']} failed, "
-              f"{counts['skip']} skipped, {counts['error']} errors**", ""]  # fmt: skip
+    lines.append("")
     labels = [c.label(matrix.multi_host) for c in matrix.columns]
     lines.append("| check | " + " | ".join(_md_escape(label) for label in labels) + " |")
     lines.append("|---|" + "---|" * len(labels))

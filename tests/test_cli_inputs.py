@@ -278,6 +278,23 @@ CASES: dict[str, Case] = {
     "diff-missing": Case(lambda f: ["report", "diff", f.missing, f.results], ("missing.file",)),
     "diff-garbage": Case(lambda f: ["report", "diff", f.results, f.garbage], ("garbage.txt",)),
     "diff-json-list": Case(lambda f: ["report", "diff", f.results, f.write("l.json", "[]")], ("l.json",)),
+    "kcidb-missing": Case(lambda f: ["report", "kcidb", f.missing, "--out", str(f.tmp / "k.json")], ("missing.file",)),
+    "kcidb-garbage": Case(lambda f: ["report", "kcidb", f.garbage, "--out", str(f.tmp / "k.json")],
+                          ("garbage.txt", "not valid JSON")),
+    "kcidb-doctor-json": Case(lambda f: ["report", "kcidb", str(SPR), "--out", str(f.tmp / "k.json")],
+                              ("not a vpmu results file",)),
+    "kcidb-no-out": Case(lambda f: ["report", "kcidb", f.results], ("--out",)),
+    "kcidb-bad-origin": Case(lambda f: ["report", "kcidb", f.results, "--origin", "Acme-Lab",
+                                        "--out", str(f.tmp / "k.json")], ("--origin 'Acme-Lab'",)),
+    "kcidb-empty-checkout-id": Case(lambda f: ["report", "kcidb", f.results, "--checkout-id", "",
+                                               "--out", str(f.tmp / "k.json")], ("--checkout-id",)),
+    "kcidb-out-dir": Case(lambda f: ["report", "kcidb", f.results, "--out", f.a_dir], ("a-dir", "is a directory")),
+    "kcidb-out-under-file": Case(lambda f: ["report", "kcidb", f.results, "--out", f.a_file + "/k.json"],
+                                 ("a-file", "not a directory")),
+    "kcidb-out-ro": Case(lambda f: ["report", "kcidb", f.results, "--out", f.ro() + "/k.json"], ("Read-only",),
+                         mounts=True),
+    "kcidb-out-full": Case(lambda f: ["report", "kcidb", f.results, "--out", f.full() + "/k.json"],
+                           ("No space left",), mounts=True),
     # --- plan --------------------------------------------------------------------------------------------------
     "plan-facts-missing": Case(lambda f: ["plan", "--host-facts", f.missing], ("missing.file",)),
     "plan-facts-garbage": Case(lambda f: ["plan", "--host-facts", f.garbage], ("not valid JSON",)),
@@ -350,7 +367,7 @@ def test_doctor_without_qemu_reports_it(tmp_path: Path) -> None:
 
 def test_the_table_covers_every_command() -> None:
     """Each user-facing command has cases in the table (a new command must add its own)."""
-    commands = {"doctor", "caps", "image", "exec", "run", "render", "merge", "diff", "plan", "rejudge"}
+    commands = {"doctor", "caps", "image", "exec", "run", "render", "merge", "diff", "kcidb", "plan", "rejudge"}
     covered = {name.split("-")[0] for name in CASES}
     assert commands <= covered, commands - covered
 
