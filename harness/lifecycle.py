@@ -52,7 +52,10 @@ BOOT_ID = "/proc/sys/kernel/random/boot_id"
 #: prints the first when an event select or FIXED_CTR_CTRL still has an enable bit set at boot; an active KVM
 #: backing event left over from before the reset delivers PMIs the guest did not ask for
 #: (arch/x86/kernel/nmi.c unknown_nmi_error()). Both as reported for QEMU's missing AMD PMU reset (Dongli Zhang,
-#: "target/i386/kvm: reset AMD PMU registers during VM reset", qemu-devel 2025).
+#: "target/i386/kvm: reset AMD PMU registers during VM reset", qemu-devel 2025). The NMI line is opportunistic:
+#: the program step never sets EVTSEL.INT, and KVM injects a PMI only for a counter that asks for one
+#: (arch/x86/kvm/pmu.c, pmc->intr), so only some other stale source can print it. Lines the boot before the step
+#: printed already are not blamed on the step (stale_pmu_lines is read before and after it).
 STALE_PMU_LINES = ("Broken BIOS detected", "the BIOS has corrupted hw-PMU resources", "NMI received for unknown reason")
 
 
@@ -86,9 +89,15 @@ def boot_enumeration(run: Any) -> dict[str, Any]:
 
 
 def stale_pmu_lines(session: GuestSession) -> list[str]:
-    """The guest's kernel log lines of :data:`STALE_PMU_LINES` (dmesg: ``quiet`` keeps some off the console)."""
+    """The guest's kernel log lines of :data:`STALE_PMU_LINES` (dmesg: ``quiet`` keeps some off the console), without
+    their timestamps, so that the lines of two boots compare."""
     text = session.run("dmesg", timeout_s=30).stdout
-    return [line.strip() for line in text.splitlines() if any(word in line for word in STALE_PMU_LINES)]
+    return [_untimed(line) for line in text.splitlines() if any(word in line for word in STALE_PMU_LINES)]
+
+
+def _untimed(line: str) -> str:
+    line = line.strip()
+    return line.split("] ", 1)[1].strip() if line.startswith("[") and "] " in line else line
 
 
 def _session(machine: QemuMachine, run: Any, timeout_s: float) -> GuestSession:
@@ -239,7 +248,10 @@ def save_restore(run: Any, timeout_s: float = STEP_TIMEOUT_S) -> dict[str, Any]:
         source.qmp("stop")
         start = time.monotonic()
         try:
-            source.qmp("migrate", uri=f"exec:cat > {state}")
+            # "completed" is sent (migration_completion()) before QEMU closes the pipe and reaps the command
+            # (migrate_fd_cleanup() -> qio_channel_command_close(), io/channel-command.c; older QEMU: SIGTERM in
+            # qio_channel_command_abort()), so the file appears under its name only once cat has written all of it.
+            source.qmp("migrate", uri=f"exec:cat > {state}.part && mv {state}.part {state}")
         except ExecuteError as exc:  # a migration blocker also blocks a save
             raise MigrationRefused(step, str(exc), *_tails(source, None)) from exc
         phase("save", machine=source)
@@ -248,6 +260,7 @@ def save_restore(run: Any, timeout_s: float = STEP_TIMEOUT_S) -> dict[str, Any]:
             raise LifecycleError(
                 step, f"QEMU reported the save {status}: {_migration_error(source)}", *_tails(source, None)
             )
+        _await_file(source, state, timeout_s - (time.monotonic() - start))
         save_s = time.monotonic() - start
         size = state.stat().st_size
         step = "restore"
@@ -290,6 +303,27 @@ def save_restore(run: Any, timeout_s: float = STEP_TIMEOUT_S) -> dict[str, Any]:
         "restore_load_s": round(loaded_s, 3),
         "restore_to_ssh_s": round(restore_s, 3),
     }
+
+
+#: Poll interval while waiting for the save file's final name.
+FILE_POLL_S = 0.05
+
+
+def _await_file(machine: QemuMachine, path: Path, timeout_s: float) -> None:
+    """Wait until ``path`` exists (the save command renamed it into place).
+
+    :raises LifecycleError: step ``save``: QEMU exited first, or the file did not appear within ``timeout_s``.
+    """
+    deadline = time.monotonic() + max(1.0, timeout_s)
+    while not path.exists():
+        gone = machine.gone()
+        if gone is not None:
+            raise LifecycleError("save", f"{gone} before the saved state was complete in {path}",
+                                 *_tails(machine, None))  # fmt: skip
+        if time.monotonic() > deadline:
+            raise LifecycleError("save", f"QEMU reported the save completed, but {path} was not complete after "
+                                 f"{max(1.0, timeout_s):.0f} s", *_tails(machine, None))  # fmt: skip
+        time.sleep(FILE_POLL_S)
 
 
 def _abandon(stack: contextlib.ExitStack | None, run: Any, source: QemuMachine) -> None:
@@ -417,20 +451,33 @@ def _enumeration_record(stage: str, found: dict[str, Any]) -> dict[str, Any]:
     return {"probe": "lifecycle", "kind": "enumeration", "stage": stage, **found}
 
 
-def _msr(run: Any, mode: str, stage: str, repeats: int = 1) -> list[dict[str, Any]]:
-    return _tag(run.runner.run("msr", lifecycle_params(run.view, mode, repeats)).records, stage)
+def _msr(run: Any, mode: str, stage: str, repeats: int = 1, cpu: int = 0) -> list[dict[str, Any]]:
+    return _tag(run.runner.run("msr", lifecycle_params(run.view, mode, repeats), cpu=cpu).records, stage)
+
+
+def _stop(run: Any, cpu: int = 0) -> list[dict[str, Any]]:
+    """After a refused step: stop the counters the program step left running, so the checks that follow start from
+    an idle PMU (best effort: a probe failure here is no verdict on the step)."""
+    if not _has_pmu(run):
+        return []
+    with contextlib.suppress(HarnessError):
+        return _msr(run, "stop", "stopped", cpu=cpu)
+    return []
 
 
 def measure_reset(run: Any, how: str) -> list[dict[str, Any]]:
     """Program the counters (where there is a PMU), reset the guest (``how``: qmp / guest), and read every PMU MSR
     before anything else touches them, the kernel's stale-PMU lines and the enumeration."""
     records = [_enumeration_record("boot", boot_enumeration(run))]
+    records.append({"probe": "lifecycle", "kind": "stale_lines", "stage": "before",
+                    "lines": stale_pmu_lines(run.guest.ssh)})  # fmt: skip
     if _has_pmu(run):
         records += _boot_state(run) + _msr(run, "program", "saved")
     records.append({"probe": "lifecycle", "kind": "step", **reset(run, how)})
     if _has_pmu(run):
         records += _msr(run, "state", "after")
-    records.append({"probe": "lifecycle", "kind": "stale_lines", "lines": stale_pmu_lines(run.guest.ssh)})
+    records.append({"probe": "lifecycle", "kind": "stale_lines", "stage": "after",
+                    "lines": stale_pmu_lines(run.guest.ssh)})  # fmt: skip
     records.append(_enumeration_record("after", enumeration(run, run.runner)))
     return records
 
@@ -445,31 +492,49 @@ def measure_save_restore(run: Any) -> list[dict[str, Any]]:
         records.append({"probe": "lifecycle", "kind": "step", **save_restore(run)})
     except MigrationRefused as exc:
         records.append({"probe": "lifecycle", "kind": "refused", "reason": exc.refusal})
-        return records
+        return records + _stop(run)
     if _has_pmu(run):
         records += _msr(run, "continue", "restored")
     records.append(_enumeration_record("after", enumeration(run, run.runner)))
     return records
 
 
+def _span_cpu(run: Any) -> int:
+    """The vCPU the span probe counts on: 1 where the guest has two or more (the SSH server is moved to vCPU 0),
+    else 0, the only one, shared with the harness's SSH work."""
+    return 1 if getattr(run.guest.machine.config, "smp", 1) >= 2 else 0
+
+
 def measure_migration(run: Any) -> list[dict[str, Any]]:
     """Program the counters, start a region that counts the loop for about probe_params.SPAN_TARGET_S seconds
-    (without a PMU: a plain guest process), live-migrate while it runs, and collect it on the destination."""
+    (without a PMU: a plain guest process), live-migrate while it runs, and collect it on the destination.
+
+    The counters are raw per-CPU MSR counters (EVTSEL.USR): they count every user-mode instruction retired on their
+    vCPU, and during the region the harness closes its session, opens one on the destination (dropbear's key
+    exchange runs in user mode) and reads files through it. With two or more vCPUs every dropbear process is moved
+    to vCPU 0 (``taskset``; new sessions inherit it) and the probe counts on vCPU 1; the verdict still skips the
+    exact count when the probe was switched out in its windows (lifecycle_verdicts._exact)."""
     records = [_enumeration_record("boot", boot_enumeration(run))]
     repeats = 1
+    cpu = _span_cpu(run) if _has_pmu(run) else 0
     if _has_pmu(run):
-        saved = _msr(run, "program", "saved")
+        saved = _msr(run, "program", "saved", cpu=cpu)
         records += saved
         loop_ns = next((r["loop_ns"] for r in saved if r.get("kind") == "program"), 0)
         repeats = span_repeats(int(loop_ns))
 
     def start(session: GuestSession) -> dict[str, Any]:
+        pinned = None
         if _has_pmu(run):
+            if cpu:
+                moved = session.run("pids=$(pidof dropbear) && for p in $pids; do taskset -p 0x1 $p || exit 1; done "
+                                    ">/dev/null")  # fmt: skip
+                pinned = moved.rc == 0
             probe = run.runner.builder.build("msr", lifecycle_params(run.view, "continue", repeats))
             remote = f"{SPAN_DIR}/msr-span"
             session.check(f"rm -rf {SPAN_DIR} && mkdir -p {SPAN_DIR} && mkfifo {SPAN_DIR}/started {SPAN_DIR}/done")
             session.put(probe.binary, remote, mode=0o755)
-            command = f"{remote} 0 {SPAN_DIR}/started"
+            command = f"{remote} {cpu} {SPAN_DIR}/started"
         else:
             session.check(f"rm -rf {SPAN_DIR} && mkdir -p {SPAN_DIR} && mkfifo {SPAN_DIR}/started {SPAN_DIR}/done")
             command = f"echo s >{SPAN_DIR}/started; sleep 2"  # a plain guest process that spans the switch-over
@@ -479,13 +544,13 @@ def measure_migration(run: Any) -> list[dict[str, Any]]:
         session.check(f"({command} >{files}/out 2>{files}/err; echo $? >{files}/rc; echo x 1<>{files}/started; "
                       f"echo x >{files}/done) </dev/null >/dev/null 2>&1 &")  # fmt: skip
         session.check(f"head -c 1 {SPAN_DIR}/started", timeout_s=SPAN_GRACE_S)
-        return {"command": command, "repeats": repeats}
+        return {"command": command, "repeats": repeats, "probe_cpu": cpu, "ssh_pinned_away": pinned}
 
     try:
         step = migrate(run, start)
     except MigrationRefused as exc:
         records.append({"probe": "lifecycle", "kind": "refused", "reason": exc.refusal})
-        return records
+        return records + _stop(run, cpu)
     session = run.guest.ssh
     try:
         uptime = float(session.check("cat /proc/uptime").stdout.split()[0])
