@@ -2,8 +2,9 @@
 
 The inputs are the records harness/lifecycle.py stores per check (``probe``/``kind`` like every probe record):
 ``step`` (the mechanics: boot ids, times, QMP's account), ``enumeration`` (``stage`` boot / after), ``stale_lines``
-(the guest kernel's complaints after a reset), ``refused`` (QEMU refused to migrate), ``switchover`` (the guest's
-clock when the destination first answered), and the msr probe's life-cycle records with a ``stage``: ``boot`` (every
+(``stage`` before / after a reset: the guest kernel's stale-PMU lines), ``refused`` (QEMU refused to migrate),
+``switchover`` (the guest's clock when the destination first answered), and the msr probe's life-cycle records with
+a ``stage``: ``stopped`` (the counters stopped after a refusal; not judged), ``boot`` (every
 PMU MSR right after the cold boot), ``saved`` (programmed and counting, before the step), ``after`` (after a reset),
 ``restored`` (after a restore or a migration: ``point`` before / after the exact region) and the region's
 ``enabled`` record.
