@@ -18,8 +18,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -237,10 +237,7 @@ def save_restore(run: Any, timeout_s: float = STEP_TIMEOUT_S) -> dict[str, Any]:
     source = run.guest.machine
     work = _workdir()
     state = work / "state"
-    destination: QemuMachine | None = None
-    stack: contextlib.ExitStack | None = None
-    step = "save"
-    try:
+    with _handing_over(run, source, work, "save") as handover:
         before = boot_id(run.guest.ssh)
         run.guest.ssh.close()  # a paused guest cannot answer keepalives; the session ends here either way
         source.clear_events()
@@ -253,24 +250,25 @@ def save_restore(run: Any, timeout_s: float = STEP_TIMEOUT_S) -> dict[str, Any]:
             # qio_channel_command_abort()), so the file appears under its name only once cat has written all of it.
             source.qmp("migrate", uri=f"exec:cat > {state}.part && mv {state}.part {state}")
         except ExecuteError as exc:  # a migration blocker also blocks a save
-            raise MigrationRefused(step, str(exc), *_tails(source, None)) from exc
+            raise MigrationRefused(handover.step, str(exc), *_tails(source, None)) from exc
         phase("save", machine=source)
         status = _await_migration(source, timeout_s)
         if status != "completed":
             raise LifecycleError(
-                step, f"QEMU reported the save {status}: {_migration_error(source)}", *_tails(source, None)
+                handover.step, f"QEMU reported the save {status}: {_migration_error(source)}", *_tails(source, None)
             )
         _await_file(source, state, timeout_s - (time.monotonic() - start))
         save_s = time.monotonic() - start
         size = state.stat().st_size
-        step = "restore"
+        handover.step = "restore"
         start = time.monotonic()
-        stack, destination = _destination(run, "restore")
+        handover.stack, destination = _destination(run, "restore")
+        handover.destination = destination
         destination.qmp("migrate-incoming", uri=f"exec:cat {state}")
         phase("restore", machine=destination)
         status = _await_migration(destination, timeout_s)
         if status != "completed":
-            raise LifecycleError(step, f"QEMU reported the restore {status}: {_migration_error(destination)}",
+            raise LifecycleError(handover.step, f"QEMU reported the restore {status}: {_migration_error(destination)}",
                                  *_tails(source, destination))  # fmt: skip
         loaded_s = time.monotonic() - start
         # The source was stopped when it was saved, so the destination stays paused (migration.c
@@ -279,21 +277,8 @@ def save_restore(run: Any, timeout_s: float = STEP_TIMEOUT_S) -> dict[str, Any]:
         session = _session(destination, run, timeout_s - (time.monotonic() - start))
         restore_s = time.monotonic() - start
         after = boot_id(session)
-    except LifecycleError:
-        _abandon(stack, run, source)
-        raise
-    except (HarnessError, QMPError, OSError) as exc:
-        tails = _tails(source, destination)
-        _abandon(stack, run, source)
-        raise LifecycleError(step, _why(exc), *tails) from exc
-    except BaseException:  # Ctrl-C, SIGTERM: no destination QEMU left behind
-        if stack is not None:
-            stack.close()
-        raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    assert stack is not None and destination is not None
-    run.adopt(Guest(destination, session, BootTimes()), stack)
+    assert handover.stack is not None and handover.destination is not None
+    run.adopt(Guest(handover.destination, session, BootTimes()), handover.stack)
     return {
         "step": "save_restore",
         "boot_id_before": before,
@@ -334,6 +319,39 @@ def _abandon(stack: contextlib.ExitStack | None, run: Any, source: QemuMachine) 
     _resume_source(run, source)
 
 
+@dataclass
+class _Handover:
+    """What a step that moves the guest to a new QEMU (restore, migration) has started so far, and which part of it
+    (``step``) is in progress: what a failure must undo and name."""
+
+    step: str
+    stack: contextlib.ExitStack | None = None
+    destination: QemuMachine | None = None
+
+
+@contextlib.contextmanager
+def _handing_over(run: Any, source: QemuMachine, work: Path, step: str) -> Iterator[_Handover]:
+    """Around a hand-over to a destination QEMU: a harness, QMP or OS error becomes a LifecycleError of the part in
+    progress with both serial tails, and every failure shuts the destination down and resumes the source; Ctrl-C
+    and SIGTERM leave no destination QEMU behind; the work directory goes in every case."""
+    handover = _Handover(step)
+    try:
+        yield handover
+    except LifecycleError:
+        _abandon(handover.stack, run, source)
+        raise
+    except (HarnessError, QMPError, OSError) as exc:
+        tails = _tails(source, handover.destination)
+        _abandon(handover.stack, run, source)
+        raise LifecycleError(handover.step, _why(exc), *tails) from exc
+    except BaseException:
+        if handover.stack is not None:
+            handover.stack.close()
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 # --- live migration --------------------------------------------------------------------------------------------
 
 
@@ -352,12 +370,11 @@ def migrate(
     source = run.guest.machine
     work = _workdir()
     sock = work / "migration.sock"
-    destination: QemuMachine | None = None
-    stack: contextlib.ExitStack | None = None
     started: Any = None
-    try:
+    with _handing_over(run, source, work, "migration") as handover:
         before = boot_id(run.guest.ssh)
-        stack, destination = _destination(run, "migration")
+        handover.stack, destination = _destination(run, "migration")
+        handover.destination = destination
         destination.qmp("migrate-incoming", uri=f"unix:{sock}")
         if during is not None:
             started = during(run.guest.ssh)
@@ -392,21 +409,8 @@ def migrate(
         to_ssh_s = time.monotonic() - start
         after = boot_id(session)
         sock_left = sock.exists()
-    except LifecycleError:
-        _abandon(stack, run, source)
-        raise
-    except (HarnessError, QMPError, OSError) as exc:
-        tails = _tails(source, destination)
-        _abandon(stack, run, source)
-        raise LifecycleError("migration", _why(exc), *tails) from exc
-    except BaseException:  # Ctrl-C, SIGTERM: no destination QEMU left behind
-        if stack is not None:
-            stack.close()
-        raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    assert stack is not None and destination is not None
-    run.adopt(Guest(destination, session, BootTimes()), stack)
+    assert handover.stack is not None and handover.destination is not None
+    run.adopt(Guest(handover.destination, session, BootTimes()), handover.stack)
     return {
         "step": "migration",
         "boot_id_before": before,
