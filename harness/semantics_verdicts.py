@@ -9,6 +9,7 @@ count per interrupt, exception or switch the probe saw around a window (verdicts
 from __future__ import annotations
 
 import errno as errno_mod
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from harness.expectations import Expectation
@@ -58,6 +59,17 @@ KST_PERFCAP = "KVM selftests vmx_pmu_caps_test.c guest_wrmsr_perf_capabilities()
 
 def _records(records: list[Record], kind: str) -> list[Record]:
     return [r for r in records if r.get("kind") == kind]
+
+
+def _accessible(labelled: Iterable[tuple[str, Record]], problems: list[str]) -> Iterator[tuple[str, Record]]:
+    """The (label, record) pairs whose counter MSRs the probe could use; each other one adds its access problem,
+    named by its label, to ``problems``."""
+    for label, record in labelled:
+        access = _access_problem(record)
+        if access:
+            problems.append(f"{label}: {access}")
+        else:
+            yield label, record
 
 
 def _access_problem(record: Record) -> str | None:
@@ -134,12 +146,7 @@ def overflow_every_counter(
     problems: list[str] = []
     shortfalls: list[str] = []
     observed: dict[str, Any] = {}
-    for label in wanted:
-        record = found[label]
-        access = _access_problem(record)
-        if access:
-            problems.append(f"{label}: {access}")
-            continue
+    for label, record in _accessible(((label, found[label]) for label in wanted), problems):
         final = _signed(record["final"], record["width"])
         window = window_events(record)
         low, high = 1 - (window.zero or 0), 1 + (window.n or 0)
@@ -262,12 +269,7 @@ def all_counters(
     problems: list[str] = []
     shortfalls: list[str] = []
     observed: dict[str, Any] = {}
-    for label in wanted:
-        record = found[label]
-        access = _access_problem(record)
-        if access:
-            problems.append(f"{label}: {access}")
-            continue
+    for label, record in _accessible(((label, found[label]) for label in wanted), problems):
         event = record["event"]
         bounds = event_bounds(event, int(record["iterations"]), view.amd, errata, int(record.get("tsc_n", 0)),
                               window_events(record))  # fmt: skip
@@ -531,12 +533,7 @@ def rdpmc_fast(pmu: Expectation, view: GuestView, records: list[Record], host: d
         if must_fault else f"host kernel {host.get('kernel') or 'unknown'} (before 6.9 either answer)"  # fmt: skip
     problems: list[str] = []
     observed: dict[str, Any] = {}
-    for record in found:
-        label = record["counter"]
-        access = _access_problem(record)
-        if access:
-            problems.append(f"{label}: {access}")
-            continue
+    for label, record in _accessible(((r["counter"], r) for r in found), problems):
         if record["signal"] or not record.get("user_rdpmc"):
             return skipped(f"guest-kernel: plain RDPMC from user space is not available here (signal "
                            f"{record['signal']}, cap_user_rdpmc={record.get('user_rdpmc')}); arch.rdpmc judges "
