@@ -309,30 +309,32 @@ class QemuMachine:
     def _post_shutdown(self) -> None:
         """Kill QEMU if it still runs, close QMP and the console, reap QEMU, remove the temp dir. May also run after
         a failed launch. QEMU goes first: closing QMP to a frozen QEMU could wait for it."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._hard_shutdown()
-        if self._qmp is not None:
-            try:
-                self._qmp.close_within(PING_TIMEOUT_S)
-            except BaseException as exc:  # EOF after 'quit' is expected; nothing to do about anything else
-                if not isinstance(exc, Exception):
-                    raise
-                LOG.debug("QMP close: %s", exc)
-            self._qmp = None
-        if self._proc is not None:
-            if self._console is not None:
-                self._console.close()
-                self._final_serial = self._console.text()
-            if self._proc.stdout is not None:
-                self._proc.stdout.close()
-            rc = self._proc.returncode
-            if rc is not None and rc < 0 and not self._user_killed:
-                LOG.warning("qemu received signal %d; command: %s", -rc, shlex.join(self.argv))
-            if self._watch is not None:
-                self._watch.close()
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
+        try:
+            if self._proc is not None and self._proc.poll() is None:
+                self._hard_shutdown()
+            if self._qmp is not None:
+                try:
+                    self._qmp.close_within(PING_TIMEOUT_S)
+                except BaseException as exc:  # EOF after 'quit' is expected; nothing to do about anything else
+                    if not isinstance(exc, Exception):
+                        raise
+                    LOG.debug("QMP close: %s", exc)
+                self._qmp = None
+            if self._proc is not None:
+                if self._console is not None:
+                    self._console.close()
+                    self._final_serial = self._console.text()
+                if self._proc.stdout is not None:
+                    self._proc.stdout.close()
+                rc = self._proc.returncode
+                if rc is not None and rc < 0 and not self._user_killed:
+                    LOG.warning("qemu received signal %d; command: %s", -rc, shlex.join(self.argv))
+                if self._watch is not None:
+                    self._watch.close()
+        finally:  # also when Ctrl-C/SIGTERM lands in here (e.g. re-raised by QMP's event loop): no temp dir left
+            if self._tmpdir is not None:
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
+                self._tmpdir = None
 
     # --- queries -------------------------------------------------------------------------------------------
 
