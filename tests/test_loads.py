@@ -271,12 +271,12 @@ def test_a_load_that_exits_at_once_is_unavailable(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupted_run_leaves_no_perf_behind(guest_image, sig, code):
+def test_interrupted_run_leaves_no_perf_behind(guest_image, sig, code, tmp_path):
     """Ctrl-C or SIGTERM in the middle of a check group under a software load: the run stops with 130/143 and
     perf and QEMU are gone afterwards."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "harness", "run", "--image", str(guest_image.directory), "--profile", "pmu-on",
-         "--load", "host-sw-counting", "--out", "/tmp/vpmu-interrupt-test"],
+         "--load", "host-sw-counting", "--out", str(tmp_path / "out")],
         cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     deadline = time.monotonic() + 120
