@@ -485,6 +485,19 @@ def contention_skip(
                    f"{CONTENTION_DOC}; measured: {'; '.join(shortfalls)}", expected, observed)  # fmt: skip
 
 
+def shortfall_verdict(
+    contention: str | None, shortfalls: list[str], others: list[str], expected: Any, observed: Any
+) -> Verdict | None:
+    """The verdict of a measurement with problems: contention_skip's SKIP where a competing load explains every
+    shortfall, else a FAIL naming the shortfalls and the other problems; None when there is none."""
+    verdict = contention_skip(contention, shortfalls, others, expected, observed)
+    if verdict:
+        return verdict
+    if shortfalls or others:
+        return failed("; ".join(shortfalls + others), expected, observed)
+    return None
+
+
 def _count_records(records: Iterable[Record], set_name: str, event: str) -> list[Record]:
     return [r for r in records if r.get("kind") == "count" and r.get("set") == set_name and r.get("event") == event]
 
