@@ -1,3 +1,3 @@
 """Register the vpmu pytest plugin (options, fixtures, markers) for the suite and the self-tests."""
 
-pytest_plugins = ["harness.pytest_plugin"]
+pytest_plugins = ["harness.suite.pytest_plugin"]

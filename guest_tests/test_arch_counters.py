@@ -2,16 +2,16 @@
 
 Counting goes through perf_event_open with raw configs (one group per event, one copy per counter) and, for
 register semantics, through /dev/cpu/N/msr on an idle PMU. Exact expectations come from the generated loop
-(harness/workloads.py). Without a vPMU every check SKIPs with the reason the expectation engine gives.
+(harness/probe/workloads.py). Without a vPMU every check SKIPs with the reason the expectation engine gives.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from harness import coexist, verdicts
-from harness.probe_params import ARCH_EVENTS, counters_params, msr_params
-from harness.profile_run import ProfileRun
+from harness.judge import arch_counters, bounds, coexist
+from harness.probe.params import ARCH_EVENTS, counters_params, msr_params
+from harness.suite.profile_run import ProfileRun
 
 pytestmark = [pytest.mark.feature("arch_counters"), pytest.mark.requires_pmu, pytest.mark.expects("pmu")]
 GP_EVENTS = list(ARCH_EVENTS)
@@ -19,7 +19,7 @@ GP_EVENTS = list(ARCH_EVENTS)
 
 def counters(run: ProfileRun) -> list[dict]:
     """The counters probe's records (one run per guest, shared by every check); the host facts decide which groups
-    hold a copy back for the host NMI watchdog's counter (verdicts.host_watchdog_starves)."""
+    hold a copy back for the host NMI watchdog's counter (host_watchdog.host_watchdog_starves)."""
     return run.probe("counters", counters_params(run.view, run.host)).records
 
 
@@ -30,9 +30,9 @@ def msr_records(run: ProfileRun) -> list[dict]:
     return run.probe("msr", msr_params(run.view)).records
 
 
-def errata(run: ProfileRun) -> verdicts.OvercountErrata:
+def errata(run: ProfileRun) -> bounds.OvercountErrata:
     """Overcount errata of the guest's model and of the host's silicon (a named -cpu model can hide the latter)."""
-    return verdicts.overcount_errata(run.view.caps, (run.host.get("cpu") or {}).get("caps"))
+    return bounds.overcount_errata(run.view.caps, (run.host.get("cpu") or {}).get("caps"))
 
 
 def contention(run: ProfileRun, host_load) -> str | None:
@@ -48,8 +48,9 @@ def test_gp_event(profile_run, host_load, check, event):
     """Every GP counter counts the event over the loop within its bounds (exact for instructions/branches, up to one
     count per interrupt or exception in the window)."""
     records = counters(profile_run)
-    verdict = verdicts.gp_event(profile_run.pmu_expectation(), profile_run.view, records, event, errata(profile_run),
-                                profile_run.host, contention(profile_run, host_load))  # fmt: skip
+    verdict = arch_counters.gp_event(profile_run.pmu_expectation(), profile_run.view, records, event,
+                                     errata(profile_run), profile_run.host,
+                                     contention(profile_run, host_load))  # fmt: skip
     check.judge(verdict, [r for r in records if r.get("event") == event])
 
 
@@ -59,7 +60,7 @@ def test_gp_event(profile_run, host_load, check, event):
 def test_fixed_counter(profile_run, host_load, check, index):
     """Fixed counter i counts its event (0 instructions, 1 cycles, 2 ref cycles, 3 slots) on the fixed counter."""
     records = counters(profile_run)
-    verdict = verdicts.fixed_counter(profile_run.pmu_expectation(), profile_run.view, records, index,
+    verdict = arch_counters.fixed_counter(profile_run.pmu_expectation(), profile_run.view, records, index,
                                      errata(profile_run), contention(profile_run, host_load))  # fmt: skip
     check.judge(verdict, [r for r in records if r.get("event") == f"fixed{index}"])
 
@@ -68,7 +69,7 @@ def test_fixed_counter(profile_run, host_load, check, index):
 def test_disabled_counter_does_not_count(profile_run, check):
     """A never-enabled perf event, a counter with EN=0 and one with its GLOBAL_CTRL bit clear all stay at 0."""
     records, msr = counters(profile_run), msr_records(profile_run)
-    check.judge(verdicts.disabled_no_count(profile_run.pmu_expectation(), profile_run.view, records, msr),
+    check.judge(arch_counters.disabled_no_count(profile_run.pmu_expectation(), profile_run.view, records, msr),
                 [r for r in records + msr if r["kind"] in ("disabled", "disabled_sel", "disabled_global")])  # fmt: skip
 
 
@@ -76,7 +77,7 @@ def test_disabled_counter_does_not_count(profile_run, check):
 def test_counter_width(profile_run, check):
     """Legacy writes sign-extend bit 31, full-width writes keep the width and #GP above it, fixed writes keep it."""
     msr = msr_records(profile_run)
-    check.judge(verdicts.counter_width(profile_run.pmu_expectation(), profile_run.view, msr),
+    check.judge(arch_counters.counter_width(profile_run.pmu_expectation(), profile_run.view, msr),
                 [r for r in msr if r["kind"].startswith("width")])  # fmt: skip
 
 
@@ -85,7 +86,7 @@ def test_counter_width(profile_run, check):
 def test_msr_bounds(profile_run, check):
     """Counter MSRs beyond the enumerated number #GP (SKIP with kvm.ignore_msrs=Y, like enum.pmu_msrs_fault)."""
     msr = msr_records(profile_run)
-    check.judge(verdicts.msr_bounds(profile_run.pmu_expectation(), profile_run.view, msr,
+    check.judge(arch_counters.msr_bounds(profile_run.pmu_expectation(), profile_run.view, msr,
                                     profile_run.expectation("pmu_msrs_fault")),
                 [r for r in msr if r["kind"] == "bounds"])  # fmt: skip
 
@@ -94,7 +95,7 @@ def test_msr_bounds(profile_run, check):
 def test_rdpmc(profile_run, check):
     """RDPMC agrees with RDMSR (GP, and fixed with ECX bit 30) and with perf's user page; a bad index #GPs."""
     records, msr = counters(profile_run), msr_records(profile_run)
-    check.judge(verdicts.rdpmc(profile_run.pmu_expectation(), profile_run.view, records, msr,
+    check.judge(arch_counters.rdpmc(profile_run.pmu_expectation(), profile_run.view, records, msr,
                                profile_run.host.get("vpmu_mode")),
                 [r for r in records + msr if r["kind"].startswith("rdpmc") or r["kind"] == "count"])  # fmt: skip
 
@@ -104,8 +105,8 @@ def test_exact_global_ctrl(profile_run, host_load, check):
     """Counters enabled only through GLOBAL_CTRL count the loop exactly (the analogue of KUT's 10N+17), up to one
     count per interrupt or exception in the two regions."""
     msr = msr_records(profile_run)
-    check.judge(verdicts.exact_global_ctrl(profile_run.pmu_expectation(), profile_run.view, msr, errata(profile_run),
-                                           contention(profile_run, host_load)),
+    check.judge(arch_counters.exact_global_ctrl(profile_run.pmu_expectation(), profile_run.view, msr,
+                                                errata(profile_run), contention(profile_run, host_load)),
                 [r for r in msr if r["kind"] == "enabled"])  # fmt: skip
 
 
@@ -113,7 +114,7 @@ def test_exact_global_ctrl(profile_run, host_load, check):
 def test_overflow_status(profile_run, check):
     """Overflow sets GLOBAL_STATUS bit 0; writing the clear MSR clears it."""
     msr = msr_records(profile_run)
-    check.judge(verdicts.overflow_status(profile_run.pmu_expectation(), profile_run.view, msr),
+    check.judge(arch_counters.overflow_status(profile_run.pmu_expectation(), profile_run.view, msr),
                 [r for r in msr if r["kind"] == "overflow"])  # fmt: skip
 
 
@@ -122,6 +123,6 @@ def test_pmi_sampling(profile_run, host_load, check):
     """Fixed-period sampling: one sample per period, each with a PMI, IPs in the loop, nothing lost (SKIP when the
     guest or host kernel throttled the PMIs)."""
     records = counters(profile_run)
-    check.judge(verdicts.pmi_sampling(profile_run.pmu_expectation(), profile_run.view, records, profile_run.host,
+    check.judge(arch_counters.pmi_sampling(profile_run.pmu_expectation(), profile_run.view, records, profile_run.host,
                                       contention(profile_run, host_load)),
                 [r for r in records if r["kind"] in ("sampling", "sampling_setup")])  # fmt: skip

@@ -1,5 +1,6 @@
 """Co-existence in depth: a host load that exists before KVM creates the VM, the VM-exit cost of host
-multiplexing, and host loads bound to one vCPU (verdicts: harness/coexist_depth.py; the sweep: harness/mux_sweep.py).
+multiplexing, and host loads bound to one vCPU (verdicts: harness/judge/coexist_depth.py;
+the sweep: harness/suite/mux_sweep.py).
 
 Each check decides what it cannot judge before it measures (the same reasons as its ``expects`` pre-gate), so
 ``python -m harness plan`` and ``rejudge`` agree with the run.
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 
-from harness import coexist, coexist_depth, mux_sweep
-from harness.probe_params import counters_params
-from harness.profile_run import ProfileRun
-from harness.verdicts import overcount_errata
+from harness.judge import coexist, coexist_depth
+from harness.judge.bounds import overcount_errata
+from harness.probe.params import counters_params
+from harness.suite import mux_sweep
+from harness.suite.profile_run import ProfileRun
 
 pytestmark = pytest.mark.feature("coexistence")
 #: The vCPUs the per-vCPU canary runs on (a profile with fewer SKIPs the rest: the two_vcpus pre-gate).

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from harness import coexist
-from harness.probe_params import counters_params
-from harness.profile_run import ProfileRun
-from harness.verdicts import overcount_errata
+from harness.judge import coexist
+from harness.judge.bounds import overcount_errata
+from harness.probe.params import counters_params
+from harness.suite.profile_run import ProfileRun
 
 pytestmark = pytest.mark.feature("coexistence")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from harness import feature_verdicts as fv
-from harness.probe_params import ibs_params
-from harness.profile_run import ProfileRun
+from harness.judge import ibs
+from harness.probe.params import ibs_params
+from harness.suite.profile_run import ProfileRun
 
 pytestmark = [pytest.mark.feature("ibs"), pytest.mark.amd]
 
@@ -23,7 +23,7 @@ def records(run: ProfileRun) -> list[dict]:
 def test_enumeration(profile_run, check):
     """CPUID and the guest kernel's ibs_op/ibs_fetch PMUs show IBS exactly when expected."""
     view = profile_run.view
-    check.judge(fv.ibs_enumeration(profile_run.expectation("amd_ibs"), view), view.records)
+    check.judge(ibs.ibs_enumeration(profile_run.expectation("amd_ibs"), view), view.records)
 
 
 @pytest.mark.requires_pmu
@@ -34,5 +34,5 @@ def test_sampling(profile_run, check, pmu):
     """Valid IBS samples whose addresses fall in the loop; the sample IP equals IbsOpRip / IbsFetchLinAd. Opened per
     task, or CPU-wide filtered by the probe's TID on guest kernels before 6.2 (no per-task IBS there)."""
     found = records(profile_run)
-    check.judge(fv.ibs_sampling(profile_run.expectation("amd_ibs"), profile_run.view, found, pmu),
+    check.judge(ibs.ibs_sampling(profile_run.expectation("amd_ibs"), profile_run.view, found, pmu),
                 [r for r in found if r.get("pmu") == pmu])  # fmt: skip

@@ -6,27 +6,27 @@ from __future__ import annotations
 
 import pytest
 
-from harness import feature_verdicts as fv
-from harness.probe_params import lbr_params
-from harness.profile_run import ProfileRun
+from harness.judge import guest_kernel, lbr
+from harness.probe.params import lbr_params
+from harness.suite.profile_run import ProfileRun
 
 pytestmark = [pytest.mark.feature("lbr"), pytest.mark.intel]
 
 
 def expectation(run: ProfileRun):
-    return fv.lbr_expectation(run.expectation("legacy_lbr"), run.expectation("arch_lbr"))
+    return lbr.lbr_expectation(run.expectation("legacy_lbr"), run.expectation("arch_lbr"))
 
 
 WORKLOAD_FUNCTIONS = ("vpmu_chain", "vpmu_f1", "vpmu_f2", "vpmu_f3")
 
 
 def records(run: ProfileRun) -> list[dict]:
-    return run.probe("lbr", lbr_params()).records if fv.lbr_depth(run.view) else []
+    return run.probe("lbr", lbr_params()).records if lbr.lbr_depth(run.view) else []
 
 
 def branches(run: ProfileRun):
     """The workload's branch instructions, from objdump of the very binary that ran in the guest."""
-    if not fv.lbr_depth(run.view):
+    if not lbr.lbr_depth(run.view):
         return None
     return run.branch_map("lbr", WORKLOAD_FUNCTIONS, lbr_params())
 
@@ -35,15 +35,15 @@ def branches(run: ProfileRun):
 def test_legacy_enumeration(profile_run, check):
     """A legacy LBR format and depth appear exactly when expected."""
     view = profile_run.view
-    check.judge(fv.legacy_lbr_enumeration(profile_run.expectation("legacy_lbr"), view,
-                                          fv.guest_kernel_release(profile_run)), view.records)  # fmt: skip
+    check.judge(lbr.legacy_lbr_enumeration(profile_run.expectation("legacy_lbr"), view,
+                                          guest_kernel.guest_kernel_release(profile_run)), view.records)  # fmt: skip
 
 
 @pytest.mark.check("lbr.arch_enumeration")
 def test_arch_enumeration(profile_run, check):
     """Arch LBR (CPUID.07H:EDX[19], leaf 1CH) appears exactly when expected; the kernel's depth is enumerated."""
     view = profile_run.view
-    check.judge(fv.arch_lbr_enumeration(profile_run.expectation("arch_lbr"), view), view.records)
+    check.judge(lbr.arch_lbr_enumeration(profile_run.expectation("arch_lbr"), view), view.records)
 
 
 @pytest.mark.requires_pmu
@@ -52,8 +52,8 @@ def test_arch_enumeration(profile_run, check):
 def test_branch_records(profile_run, check):
     """ANY|USER stacks hold only the probe's own branches and reach the enumerated depth."""
     found = records(profile_run)
-    check.judge(fv.lbr_records(expectation(profile_run), profile_run.view, found, branches(profile_run),
-                               fv.guest_kernel_release(profile_run)), found)  # fmt: skip
+    check.judge(lbr.lbr_records(expectation(profile_run), profile_run.view, found, branches(profile_run),
+                               guest_kernel.guest_kernel_release(profile_run)), found)  # fmt: skip
 
 
 @pytest.mark.requires_pmu
@@ -62,5 +62,5 @@ def test_branch_records(profile_run, check):
 def test_call_stack(profile_run, check):
     """CALL_STACK mode inside f3 shows the calls f2->f3, f1->f2, loop->f1."""
     found = records(profile_run)
-    check.judge(fv.lbr_call_stack(expectation(profile_run), profile_run.view, found,
-                                  fv.guest_kernel_release(profile_run)), found)  # fmt: skip
+    check.judge(lbr.lbr_call_stack(expectation(profile_run), profile_run.view, found,
+                                  guest_kernel.guest_kernel_release(profile_run)), found)  # fmt: skip

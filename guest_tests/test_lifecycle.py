@@ -1,9 +1,9 @@
 """The PMU across the VM's life: a reset (QMP system_reset, and a reboot the guest asks for), a save to a file and a
-restore into a new QEMU, and a live migration to a second QEMU (mechanics: harness/lifecycle.py; verdicts:
-harness/lifecycle_verdicts.py).
+restore into a new QEMU, and a live migration to a second QEMU (mechanics: harness/suite/lifecycle.py; verdicts:
+harness/judge/lifecycle.py).
 
 These checks change the guest (it reboots, or moves to a new QEMU), so they run last in each profile, under the idle
-load only (``lifecycle`` marker, harness/pytest_plugin.py), each step on the guest the previous one left. Per step,
+load only (``lifecycle`` marker, suite/pytest_plugin.py), each step on the guest the previous one left. Per step,
 ``lifecycle.<step>`` judges the step itself on every accelerator (boot id, QMP's account, enumeration) and
 ``lifecycle.<step>.pmu`` the PMU MSRs around it where a vPMU is expected; both read one measurement
 (ProfileRun.measure), made by whichever of the two runs first.
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import pytest
 
-from harness import lifecycle
-from harness import lifecycle_verdicts as lv
-from harness.verdicts import overcount_errata
+from harness.judge import lifecycle as lv
+from harness.judge.bounds import overcount_errata
+from harness.suite import lifecycle
 
 pytestmark = [pytest.mark.feature("lifecycle"), pytest.mark.lifecycle]
 MEASURE = {

@@ -1,7 +1,7 @@
 """Counter semantics kvm-unit-tests x86/pmu.c and the KVM selftests assert at the register level, checked from a
 Linux guest through /dev/cpu/N/msr on an idle guest PMU (guest_tests/probes/semantics.c.j2): overflow of every
 counter, WRMSR to a running counter, every counter at once, fixed counters that do not exist, guest writes to
-IA32_PERF_CAPABILITIES, AMD's K7 aliases. Rules and sources: harness/semantics_verdicts.py. Without a vPMU every
+IA32_PERF_CAPABILITIES, AMD's K7 aliases. Rules and sources: harness/judge/semantics.py. Without a vPMU every
 check SKIPs with the reason the expectation engine gives, before the probe runs.
 """
 
@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from harness import coexist, semantics_verdicts, verdicts
-from harness.probe_params import semantics_params
-from harness.profile_run import ProfileRun
+from harness.judge import bounds, coexist
+from harness.judge import semantics as semantics_verdicts
+from harness.probe.params import semantics_params
+from harness.suite.profile_run import ProfileRun
 
 pytestmark = [pytest.mark.feature("arch_counters"), pytest.mark.requires_pmu, pytest.mark.expects("pmu")]
 
@@ -24,8 +25,8 @@ def semantics(run: ProfileRun) -> list[dict]:
     return run.probe("semantics", semantics_params(run.view, run.host)).records
 
 
-def errata(run: ProfileRun) -> verdicts.OvercountErrata:
-    return verdicts.overcount_errata(run.view.caps, (run.host.get("cpu") or {}).get("caps"))
+def errata(run: ProfileRun) -> bounds.OvercountErrata:
+    return bounds.overcount_errata(run.view.caps, (run.host.get("cpu") or {}).get("caps"))
 
 
 def contention(run: ProfileRun, host_load) -> str | None:

@@ -24,21 +24,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness import caps as caps_mod
-from harness import hostfacts, hostpkg, outputs
-from harness.cpuid_dump import load_cpuid_dump
+from harness import outputs
+from harness.cpu import caps as caps_mod
+from harness.cpu.cpuid_dump import load_cpuid_dump
+from harness.cpu.profile import ACCELS
 from harness.errors import ExitCode, GuestError, HarnessError, OutputError, ToolMissingError, UsageError
-from harness.image import Image, build_image, find_or_build_image, kernel_release_of
+from harness.guest.image import Image, build_image, find_or_build_image, kernel_release_of
+from harness.host import hostfacts, hostpkg
 from harness.paths import GUEST_TESTS_DIR
-from harness.profiles import ACCELS, DEFAULT_PROFILES_FILE, load_profiles, select_profile
+from harness.suite.profiles import DEFAULT_PROFILES_FILE, load_profiles, select_profile
 
 if TYPE_CHECKING:
     import pytest
 
-    from harness.loads import LoadSpec
+    from harness.host.loads import LoadSpec
 
-#: guest_tests/loads.toml (harness.loads.DEFAULT_LOADS_FILE; harness.loads is imported only by the commands that
-#: read loads: it pulls in qemu.qmp and asyncio, a tenth of a second every other command need not pay).
+#: guest_tests/loads.toml (harness.host.loads.DEFAULT_LOADS_FILE; that module is imported only by the commands
+#: that read loads: it pulls in qemu.qmp and asyncio, a tenth of a second every other command need not pay).
 DEFAULT_LOADS_NAME = "loads.toml"
 
 DEFAULT_EXEC_TIMEOUT_S = 600.0
@@ -270,8 +272,8 @@ def _exec_accel(requested: str | None) -> str:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    from harness.guest import boot_guest
-    from harness.qemu_argv import MachineConfig, build_argv
+    from harness.guest.boot import boot_guest
+    from harness.guest.qemu_argv import MachineConfig, build_argv
 
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not command:
@@ -308,7 +310,7 @@ PYTEST_EXIT = {0: ExitCode.OK, 1: ExitCode.FAILED, 2: ExitCode.INTERRUPTED, 3: E
 
 #: The vpmu plugin by name: loaded even where PYTEST_DISABLE_PLUGIN_AUTOLOAD turns off the pytest11 entry point of an
 #: installed wheel (in a checkout, conftest.py then finds it registered).
-PLUGIN = ("-p", "harness.pytest_plugin")
+PLUGIN = ("-p", "harness.suite.pytest_plugin")
 
 #: What run and rejudge write into --out (each whole or not at all: harness.outputs).
 REPORT_FILES = ("results.json", "junit.xml", "matrix.md", "matrix.html")
@@ -325,7 +327,7 @@ class _SessionConfig:
 
     def raise_output_error(self) -> None:
         """:raises OutputError: results.json, junit.xml or a report could not be written (one line, exit 2)."""
-        from harness.pytest_plugin import STATE_KEY
+        from harness.suite.session import STATE_KEY
 
         state = self.config.stash.get(STATE_KEY, None) if self.config is not None else None
         if state is not None and state.output_error:
@@ -360,7 +362,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     profiles = load_profiles(args.profiles_file)
     for name in args.profile:
         select_profile(profiles, name, args.profiles_file)
-    from harness.loads import load_loads, select_loads
+    from harness.host.loads import load_loads, select_loads
 
     loads = load_loads(args.loads_file)
     selected_loads = select_loads(loads, args.load, args.all_loads, args.loads_file)
@@ -409,10 +411,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness import diff, matrix, render, results
+    from harness.report import diff, matrix, render, results
 
     if args.report_command == "kcidb":
-        from harness import kcidb
+        from harness.report import kcidb
 
         data, checked = kcidb.write(args.results, args.out, args.origin, args.checkout_id)
         print(f"wrote {args.out}: {kcidb.counts(data)} (KCIDB I/O {data['version']['major']}."
@@ -455,7 +457,7 @@ def _temporary_directory(prefix: str) -> Iterator[str]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from harness import plan
+    from harness.judge import plan
     from harness.paths import GUEST_TESTS_DIR
 
     plan.load_host_facts(args.host_facts)  # one ERROR line before pytest starts
@@ -485,8 +487,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_rejudge(args: argparse.Namespace) -> int:
     import pytest
 
-    from harness import plan, results
+    from harness.judge import plan
     from harness.paths import GUEST_TESTS_DIR
+    from harness.report import results
 
     results.load(args.results)  # one ERROR line for a file that is no results file
     if args.host_facts is not None:

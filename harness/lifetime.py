@@ -34,7 +34,7 @@ PHASES = (
     "probe_run",  # a probe command has started in the guest
     "load_start",  # a host perf load was started and is being waited for
     "load_stop",  # a host perf load is about to be stopped
-    "reset",  # QMP system_reset was sent, or the guest was told to reboot; its next boot is awaited (harness.lifecycle)
+    "reset",  # QMP system_reset was sent, or the guest was told to reboot; its next boot is awaited (suite.lifecycle)
     "save",  # the stopped guest's state is being written to a file (QMP migrate to exec:); machine = the source
     "restore",  # a new QEMU reads that file (QMP migrate-incoming); machine = the destination
     "migration",  # a live migration to a second QEMU has started; machine = the destination

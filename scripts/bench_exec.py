@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.image import READY_MARKER
+from harness.guest.image import READY_MARKER
 from harness.paths import REPO_ROOT
 
 #: Options of exec's argv that only serve QMP or SSH (each takes one value).

@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import hostfacts
-from harness.guest import boot_guest
-from harness.image import build_image
+from harness.guest.boot import boot_guest
+from harness.guest.image import build_image
+from harness.guest.qemu_argv import MachineConfig
+from harness.host import hostfacts
 from harness.paths import REPO_ROOT
-from harness.qemu_argv import MachineConfig
 
 
 def timed_cli(*args: str, env: dict[str, str] | None = None) -> float:

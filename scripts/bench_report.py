@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import matrix, render, results
+from harness.report import matrix, render, results
 
 HOSTS, PROFILES, LOADS, CHECKS = 10, 4, 3, 80
 

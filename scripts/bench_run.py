@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.image import build_image
+from harness.guest.image import build_image
 from harness.paths import REPO_ROOT
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.machine import TMPDIR_PREFIX
+from harness.guest.machine import TMPDIR_PREFIX
 from harness.paths import cache_root
 from tests.helpers import run_cli
 

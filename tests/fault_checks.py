@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness import verdicts
-from harness.probes import ProbeBuilder
+from harness.judge import verdict
+from harness.probe.runner import ProbeBuilder
 from tests.helpers import TEST_DATA
 
 pytestmark = pytest.mark.feature("selftest")
@@ -26,4 +26,4 @@ def test_guest_probe(profile_run, host_load, check):
     profile_run.ensure_alive()  # may reboot: the runner it makes gets the self-test probes next
     profile_run._runner.builder = BUILDER
     run = profile_run.probe("selftest_sleep", {"milliseconds": PROBE_MS + len(profile_run.load)})
-    check.judge(verdicts.passed(f"the guest ran the probe for {run.duration_s:.1f} s"))
+    check.judge(verdict.passed(f"the guest ran the probe for {run.duration_s:.1f} s"))

@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from harness.caps import decode_caps, decode_perf_capabilities
-from harness.cpuid_dump import CpuidTable, Regs, load_cpuid_dump
+from harness.cpu.caps import decode_caps, decode_perf_capabilities
+from harness.cpu.cpuid_dump import CpuidTable, Regs, load_cpuid_dump
 from tests.helpers import CPUID_DIR, TEST_DATA, assert_one_line_error, run_cli
 
 ALL_EVENTS = [

@@ -382,7 +382,8 @@ def test_mount_helpers_give_real_faults(mounts: dict[str, Path]) -> None:
 
 
 def test_run_default_loads_file_is_the_shipped_one() -> None:
-    """cli names guest_tests/loads.toml without importing harness.loads (which pulls in qemu.qmp and asyncio)."""
-    from harness import cli, loads
+    """cli names guest_tests/loads.toml without importing harness.host.loads (which pulls in qemu.qmp and asyncio)."""
+    from harness import cli
+    from harness.host import loads
 
     assert cli.make_parser().parse_args(["run"]).loads_file == loads.DEFAULT_LOADS_FILE

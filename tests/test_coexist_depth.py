@@ -1,6 +1,6 @@
 """Co-existence in depth: before-boot loads, per-vCPU loads and the mux-cost verdict over inputs in their real
 formats (probe records from tests/test_verdicts' factories, QEMU's own error text, host facts from tests/data/hosts,
-sweeps made by harness.mux_sweep.measure itself); and one real run here that boots two vCPUs, pins them, starts a
+sweeps made by harness.suite.mux_sweep.measure itself); and one real run here that boots two vCPUs, pins them, starts a
 software load before the VM and one bound to vCPU 0's thread."""
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from harness import coexist, coexist_depth, mux_sweep, plan, results
 from harness.errors import BootError, LaunchError, UsageError
-from harness.expectations import Context
-from harness.loads import IDLE, HostLoad, LoadResult, LoadSpec, load_loads, select_loads
-from harness.profiles import load_profiles
+from harness.host.loads import IDLE, HostLoad, LoadResult, LoadSpec, load_loads, select_loads
+from harness.judge import coexist, coexist_depth, plan
+from harness.judge.expectations import Context
+from harness.report import results
+from harness.suite import mux_sweep
+from harness.suite.profiles import load_profiles
 from tests.helpers import TEST_DATA, assert_one_line_error, run_cli
 from tests.test_verdicts import ABSENT, EXPECTED, INSNS, count, gp_group, intel_kvm_guest_view
 
@@ -444,7 +446,7 @@ def test_two_vcpus_booted_pinned_and_a_load_started_before_the_vm(tmp_path, gues
 def stored_sweep_run(reads: dict) -> dict:
     """A pmu-on-2vcpu run under host-multiplexing as the plugin writes it (schema /2): the canary probe at each
     setting and on each vCPU among its probes, the sweep among the host load's reads."""
-    from harness.replay import load_spec_json
+    from harness.suite.replay import load_spec_json
     from tests.test_rejudge import probe, stored_check, stored_run
 
     exact = gp_group("instructions", INSNS)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from harness import coexist, verdicts
-from harness.loads import LoadResult, LoadSpec, load_loads
-from harness.verdicts import OvercountErrata
+from harness.host.loads import LoadResult, LoadSpec, load_loads
+from harness.judge import arch_counters, coexist
+from harness.judge.bounds import OvercountErrata
 from tests.test_verdicts import EXPECTED, FIXED, INSNS, amd_kvm_guest_view, count, gp_group, intel_kvm_guest_view
 
 HW = LoadSpec("host-counting-guest", "d", ("perf", "stat", "-a", "-e", "cycles:GH"), counts_guest=True)
@@ -205,19 +205,19 @@ def test_arch_counts_under_a_competing_load_skip_the_documented_loss_too():
 
     view = intel_kvm_guest_view()
     contention = coexist.perf_based_contention(LOADS["host-pinned"], "perf-based")
-    v = verdicts.gp_event(EXPECTED, view, loss_records(), "instructions", contention=contention)
+    v = arch_counters.gp_event(EXPECTED, view, loss_records(), "instructions", contention=contention)
     assert v.status == "skip" and "GP2: instructions" in v.reason and "silently dropped" in v.reason
     assert v.observed["gp2"] == INSNS - 4_000
-    assert verdicts.gp_event(EXPECTED, view, loss_records(), "instructions").status == "fail"
+    assert arch_counters.gp_event(EXPECTED, view, loss_records(), "instructions").status == "fail"
     misplaced = [r for r in loss_records() if r["rdpmc_index"] != 5]
-    assert verdicts.gp_event(EXPECTED, view, misplaced, "instructions", contention=contention).status == "fail"
+    assert arch_counters.gp_event(EXPECTED, view, misplaced, "instructions", contention=contention).status == "fail"
     short_fixed = count("fixed0", 0, FIXED | 0, INSNS - 50, set_name="fixed")
-    assert verdicts.fixed_counter(EXPECTED, view, [short_fixed], 0, contention=contention).status == "skip"
+    assert arch_counters.fixed_counter(EXPECTED, view, [short_fixed], 0, contention=contention).status == "skip"
     over_fixed = count("fixed0", 0, FIXED | 0, INSNS + 50, set_name="fixed")
-    assert verdicts.fixed_counter(EXPECTED, view, [over_fixed], 0, contention=contention).status == "fail"
-    v = verdicts.exact_global_ctrl(EXPECTED, view, [enabled_record(-900, -90)], contention=contention)
+    assert arch_counters.fixed_counter(EXPECTED, view, [over_fixed], 0, contention=contention).status == "fail"
+    v = arch_counters.exact_global_ctrl(EXPECTED, view, [enabled_record(-900, -90)], contention=contention)
     assert v.status == "skip" and "PMC0" in v.reason
     stopped = sampling(150, count=150 * 1_000_003)
-    v = verdicts.pmi_sampling(EXPECTED, view, [stopped], contention=contention)
+    v = arch_counters.pmi_sampling(EXPECTED, view, [stopped], contention=contention)
     assert v.status == "skip" and "event counted 150,000,450 < the loop's 200,000,000" in v.reason
-    assert verdicts.pmi_sampling(EXPECTED, view, [stopped]).status == "fail"
+    assert arch_counters.pmi_sampling(EXPECTED, view, [stopped]).status == "fail"

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from harness import cpio
+from harness.guest import cpio
 
 
 def test_archive_extracts_with_cpio(tmp_path):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from harness.cpuid_dump import CpuidTable, Regs, load_cpuid_dump, parse_cpuid_text
+from harness.cpu.cpuid_dump import CpuidTable, Regs, load_cpuid_dump, parse_cpuid_text
 from harness.errors import UsageError
 from tests.helpers import CPUID_DIR, TEST_DATA
 

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from harness.caps import decode_caps
-from harness.cpuid_dump import load_cpuid_dump
+from harness.cpu.caps import decode_caps
+from harness.cpu.cpuid_dump import load_cpuid_dump
+from harness.cpu.profile import Profile
 from harness.errors import UsageError
-from harness.expectations import CONDITIONS, Context, expect, load_rules, offer_notes, pmu_feature
-from harness.profiles import Profile, load_profiles
+from harness.judge.expectations import CONDITIONS, Context, expect, load_rules, offer_notes, pmu_feature
+from harness.suite.profiles import load_profiles
 from tests.helpers import CPUID_DIR
 
 
@@ -107,7 +108,7 @@ SPR_PEBS = 0x4C0  # PEBS format 4 (bits 11:8), pebs_trap (6), pebs_arch_regs (7)
 
 
 def offer(caps: dict, *, version=2, gp=8, fixed=3, perf_caps=None, arch_lbr=False, perf_caps_listed=True):
-    """A kvm_offer object as doctor reports it (same keys as harness/kvm_offer.py writes)."""
+    """A kvm_offer object as doctor reports it (same keys as harness/host/kvm_offer.py writes)."""
     pmu = {**caps, "arch_lbr": caps.get("arch_lbr") if arch_lbr else None}
     if caps["vendor"] == "GenuineIntel":
         pmu["arch_perfmon"] = None if version == 0 else {
@@ -123,7 +124,7 @@ def kvm_host(dump="GenuineIntel00806F8_SapphireRapids_05_CPUID.txt", host_perf_c
     facts = host(vendor=caps["vendor"], accel="kvm")
     facts["cpu"]["caps"] = caps
     if host_perf_caps is not None:
-        from harness.caps import decode_perf_capabilities
+        from harness.cpu.caps import decode_perf_capabilities
 
         facts["cpu"]["perf_capabilities"] = {"value": decode_perf_capabilities(host_perf_caps), "reason": None}
     if offer_args.pop("no_offer", False):
@@ -295,7 +296,7 @@ def test_hygon_is_virtualized_like_amd():
 
 def test_old_host_without_enable_pmu_parameter(tmp_path):
     """Linux < 5.17 has no kvm.enable_pmu: the vPMU is on (Intel), or kvm_amd.pmu says (AMD)."""
-    from harness.hostfacts import effective_enable_pmu
+    from harness.host.hostfacts import effective_enable_pmu
 
     (tmp_path / "kvm" / "parameters").mkdir(parents=True)
     assert effective_enable_pmu(["kvm", "kvm_intel"], tmp_path)[0] == "Y"

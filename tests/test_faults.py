@@ -47,10 +47,10 @@ from typing import Any
 
 import pytest
 
-from harness import results
 from harness.errors import UsageError
-from harness.machine import TMPDIR_PREFIX
+from harness.guest.machine import TMPDIR_PREFIX
 from harness.paths import REPO_ROOT
+from harness.report import results
 from tests.conftest import listeners
 from tests.helpers import child_processes
 
@@ -342,8 +342,8 @@ def test_locked_up_guest_is_noticed_within_30_s(guest_image, accel):
     """A guest whose vCPUs stop (QMP ``stop``: QEMU still answers, the guest does not) is noticed through unanswered
     SSH keepalives, and a command's wait costs no CPU meanwhile (it sleeps on the channel, not in a poll loop)."""
     from harness.errors import SshError
-    from harness.guest import boot_guest
-    from harness.qemu_argv import MachineConfig
+    from harness.guest.boot import boot_guest
+    from harness.guest.qemu_argv import MachineConfig
 
     config = MachineConfig(image=guest_image, accel=accel, cpu="host" if accel == "kvm" else "max")
     with boot_guest(config) as guest:

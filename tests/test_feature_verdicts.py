@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from harness import feature_verdicts as fv
-from harness.caps import ArchLbr
-from harness.expectations import Expectation
-from harness.guest_view import MsrRead
-from harness.loads import DEFAULT_LOADS_FILE, load_loads
-from harness.probe_params import IBS_OP_CNT_CTL, TOPDOWN_METRICS, ibs_params, lbr_params
-from harness.probes import PROBES_DIR, ProbeBuilder
+from harness.cpu.caps import ArchLbr
+from harness.host.loads import DEFAULT_LOADS_FILE, load_loads
+from harness.judge import guest_kernel, ibs, lbr, pebs, topdown
+from harness.judge.expectations import Expectation
+from harness.probe.guest_view import MsrRead
+from harness.probe.params import IBS_OP_CNT_CTL, TOPDOWN_METRICS, ibs_params, lbr_params
+from harness.probe.runner import PROBES_DIR, ProbeBuilder
 from tests.test_verdicts import amd_kvm_guest_view, intel_kvm_guest_view
 
 ON = Expectation("feature", True, "expected: the feature")
@@ -59,7 +59,7 @@ def topdown_view(**sysfs):
     return with_perf_caps(view, 0x2000 | (1 << 15), **{**TOPDOWN_SYSFS, **sysfs})
 
 
-def topdown(workload, slots, retiring, bad, fe, be, cycles, raw=0xE60A030C, signal=0, fixed3=0, cap_user=1):
+def topdown_record(workload, slots, retiring, bad, fe, be, cycles, raw=0xE60A030C, signal=0, fixed3=0, cap_user=1):
     """A topdown record as the probe prints it. ``raw`` is PERF_METRICS as RDPMC(1<<29) returns it: bytes 0-3 are
     retiring, bad speculation, frontend, backend and sum to 0xff (tools/perf/Documentation/topdown.txt); the default
     0x0c + 0x03 + 0x0a + 0xe6 = 0xff is a backend-bound split. ``fixed3`` is the control RDPMC(1<<30 | 3) made just
@@ -74,13 +74,14 @@ def topology(siblings="0"):
 
 
 #: Sapphire Rapids (the guest view's CPU model 06_8FH) is 6 wide: 6 slots per unhalted cycle without SMT sharing.
-GOOD_TOPDOWN = [topology(), topdown("alu", 6_000_000, 4_800_000, 150_000, 450_000, 600_000, 1_000_000, raw=0x1A1306CC),
-                topdown("chase", 6_000_000, 300_000, 75_000, 225_000, 5_400_000, 1_000_000)]  # fmt: skip
+GOOD_TOPDOWN = [topology(),
+                topdown_record("alu", 6_000_000, 4_800_000, 150_000, 450_000, 600_000, 1_000_000, raw=0x1A1306CC),
+                topdown_record("chase", 6_000_000, 300_000, 75_000, 225_000, 5_400_000, 1_000_000)]  # fmt: skip
 
 
 def alu_ratio(ratio, siblings="0"):
     slots = int(ratio * 1_000_000)
-    return [topology(siblings), topdown("alu", slots, slots * 8 // 10, 0, 0, slots - slots * 8 // 10, 1_000_000)]
+    return [topology(siblings), topdown_record("alu", slots, slots * 8 // 10, 0, 0, slots - slots * 8 // 10, 1_000_000)]
 
 
 def test_topdown_factory_matches_the_template():
@@ -98,40 +99,40 @@ def test_topdown_fixture_metrics_sum_to_0xff():
 
 
 def test_topdown_enumeration():
-    assert fv.topdown_enumeration(ON, topdown_view()).status == "pass"
-    assert fv.topdown_enumeration(OFF, intel_kvm_guest_view()).status == "pass"  # KVM today: absent, as expected
-    assert fv.topdown_enumeration(OFF, topdown_view()).status == "fail"
+    assert topdown.topdown_enumeration(ON, topdown_view()).status == "pass"
+    assert topdown.topdown_enumeration(OFF, intel_kvm_guest_view()).status == "pass"  # KVM today: absent, as expected
+    assert topdown.topdown_enumeration(OFF, topdown_view()).status == "fail"
     metrics_only = with_perf_caps(intel_kvm_guest_view(), 1 << 15)
-    v = fv.topdown_enumeration(ON, metrics_only)
+    v = topdown.topdown_enumeration(ON, metrics_only)
     assert v.status == "fail" and "without fixed counter 3" in v.reason
 
 
 def test_topdown_metrics_and_shapes():
     view = topdown_view()
-    assert fv.topdown_metrics(ON, view, GOOD_TOPDOWN).status == "pass"
-    assert fv.topdown_width(ON, view, GOOD_TOPDOWN).status == "pass"  # 6 slots per cycle on a 6-wide core
-    assert fv.topdown_workloads(ON, view, GOOD_TOPDOWN).status == "pass"
-    off_sum = [topdown("alu", 4_000_000, 3_200_000, 100_000, 300_000, 600_000, 1_000_000), GOOD_TOPDOWN[2]]
-    v = fv.topdown_metrics(ON, view, off_sum)
+    assert topdown.topdown_metrics(ON, view, GOOD_TOPDOWN).status == "pass"
+    assert topdown.topdown_width(ON, view, GOOD_TOPDOWN).status == "pass"  # 6 slots per cycle on a 6-wide core
+    assert topdown.topdown_workloads(ON, view, GOOD_TOPDOWN).status == "pass"
+    off_sum = [topdown_record("alu", 4_000_000, 3_200_000, 100_000, 300_000, 600_000, 1_000_000), GOOD_TOPDOWN[2]]
+    v = topdown.topdown_metrics(ON, view, off_sum)
     assert v.status == "fail" and "sum to 4,200,000" in v.reason
-    wrong = [GOOD_TOPDOWN[1], topdown("chase", 4_000_000, 3_000_000, 0, 0, 1_000_000, 1_000_000)]
-    assert "backend bound 25%" in fv.topdown_workloads(ON, view, wrong).reason
+    wrong = [GOOD_TOPDOWN[1], topdown_record("chase", 4_000_000, 3_000_000, 0, 0, 1_000_000, 1_000_000)]
+    assert "backend bound 25%" in topdown.topdown_workloads(ON, view, wrong).reason
 
 
 def test_topdown_width_follows_the_core_and_smt():
     """TOPDOWN.SLOTS is distributed among the unhalted SMT threads of a core: with the sibling busy a thread sees
     about width/2 per cycle, never more than the width."""
     view = topdown_view()
-    assert fv.topdown_width(ON, view, alu_ratio(6.1)).status == "pass"
-    v = fv.topdown_width(ON, view, alu_ratio(3.1))  # a busy sibling on the host core: the guest cannot tell
+    assert topdown.topdown_width(ON, view, alu_ratio(6.1)).status == "pass"
+    v = topdown.topdown_width(ON, view, alu_ratio(3.1))  # a busy sibling on the host core: the guest cannot tell
     assert v.status == "skip" and v.reason.startswith("host:") and "between 6/2 and 6" in v.reason
     assert v.observed["host_smt_active"] is None and v.observed["guest_thread_siblings"] == "0"
     no_smt_host = {"cpu": {"smt_active": False}}
-    v = fv.topdown_width(ON, view, alu_ratio(3.1), no_smt_host)
+    v = topdown.topdown_width(ON, view, alu_ratio(3.1), no_smt_host)
     assert v.status == "fail" and "without SMT" in v.reason
-    assert "exceeds the core's width 6" in fv.topdown_width(ON, view, alu_ratio(7.0)).reason
-    assert "below half the pipeline width" in fv.topdown_width(ON, view, alu_ratio(2.0)).reason
-    assert fv.topdown_width(ON, view, alu_ratio(3.1, siblings="0-1")).observed["guest_smt_sibling"] is True
+    assert "exceeds the core's width 6" in topdown.topdown_width(ON, view, alu_ratio(7.0)).reason
+    assert "below half the pipeline width" in topdown.topdown_width(ON, view, alu_ratio(2.0)).reason
+    assert topdown.topdown_width(ON, view, alu_ratio(3.1, siblings="0-1")).observed["guest_smt_sibling"] is True
 
 
 @pytest.mark.parametrize("smt_active", [True, False])
@@ -142,25 +143,25 @@ def test_topdown_width_reads_the_doctor_smt_fact(smt_active):
     host = json.loads((HOSTS_DIR / "spr-mediated.json").read_text())
     assert host["cpu"]["smt_active"] is True
     host["cpu"]["smt_active"] = smt_active
-    v = fv.topdown_width(ON, topdown_view(), alu_ratio(3.5), host)
+    v = topdown.topdown_width(ON, topdown_view(), alu_ratio(3.5), host)
     assert v.observed["host_smt_active"] is smt_active and v.observed["width_source"] == "host CPU model 06_8FH"
     if smt_active:
         assert v.status == "skip" and "host SMT active: True" in v.reason
     else:
         assert v.status == "fail" and "without SMT" in v.reason
-    assert fv.topdown_width(ON, topdown_view(), alu_ratio(6.0), host).status == "pass"
+    assert topdown.topdown_width(ON, topdown_view(), alu_ratio(6.0), host).status == "pass"
 
 
 def test_topdown_width_uses_the_host_model_first():
     """A guest running a named CPU model still counts the host core's slots: Ice Lake-SP is 5 wide."""
     icx_host = {"cpu": {"caps": {"vendor": "GenuineIntel", "family": 6, "model": 0x6A}}}
-    v = fv.topdown_width(ON, topdown_view(), alu_ratio(5.0), icx_host)
+    v = topdown.topdown_width(ON, topdown_view(), alu_ratio(5.0), icx_host)
     assert v.status == "pass" and v.observed["width"] == 5 and v.observed["width_source"].startswith("host")
     unknown = {"cpu": {"caps": {"vendor": "GenuineIntel", "family": 6, "model": 0x01}}}
     view = replace(topdown_view(), caps=replace(topdown_view().caps, model=0x02))
-    v = fv.topdown_width(ON, view, alu_ratio(4.0), unknown)
+    v = topdown.topdown_width(ON, view, alu_ratio(4.0), unknown)
     assert v.status == "pass" and "only the loose bound" in v.reason
-    assert fv.topdown_width(ON, view, alu_ratio(9.0), unknown).status == "fail"
+    assert topdown.topdown_width(ON, view, alu_ratio(9.0), unknown).status == "fail"
 
 
 def test_topdown_read_error_is_not_a_stale_errno():
@@ -171,38 +172,38 @@ def test_topdown_read_error_is_not_a_stale_errno():
     short = {"probe": "topdown", "kind": "topdown", "workload": "alu", "error": "read", "errno": 5,
              "strerror": "Input/output error", "read_bytes": 0, "cycles": 0, "rdpmc_metrics_signal": -1,
              "rdpmc_metrics": 0, "rdpmc_fixed3_signal": -1, "rdpmc_cap_user": -1}  # fmt: skip
-    v = fv.topdown_metrics(ON, topdown_view(), [short])
+    v = topdown.topdown_metrics(ON, topdown_view(), [short])
     assert v.status == "fail" and "EIO" in v.reason
 
 
 def test_topdown_rdpmc():
     view = topdown_view()
-    assert fv.topdown_rdpmc(ON, view, GOOD_TOPDOWN).status == "pass"  # 0xcc+0x06+0x13+0x1a = 0xff
-    gp = [topdown("alu", 4_000_000, 3_200_000, 100_000, 300_000, 400_000, 1_000_000, signal=11)]
-    v = fv.topdown_rdpmc(ON, view, gp)
+    assert topdown.topdown_rdpmc(ON, view, GOOD_TOPDOWN).status == "pass"  # 0xcc+0x06+0x13+0x1a = 0xff
+    gp = [topdown_record("alu", 4_000_000, 3_200_000, 100_000, 300_000, 400_000, 1_000_000, signal=11)]
+    v = topdown.topdown_rdpmc(ON, view, gp)
     assert v.reason.startswith("kvm-limit: RDPMC of PERF_METRICS") and "fixed counter 3 in the same task worked" in \
         v.reason  # fmt: skip
-    bad = [topdown("alu", 4_000_000, 3_200_000, 100_000, 300_000, 400_000, 1_000_000, raw=0x10101010)]
-    assert fv.topdown_rdpmc(ON, view, bad).status == "fail"
+    bad = [topdown_record("alu", 4_000_000, 3_200_000, 100_000, 300_000, 400_000, 1_000_000, raw=0x10101010)]
+    assert topdown.topdown_rdpmc(ON, view, bad).status == "fail"
 
 
 def test_topdown_rdpmc_control_tells_a_disabled_user_rdpmc_apart():
     """Review R3: with cpu/rdpmc=0 the guest kernel never sets CR4.PCE (x86_pmu_event_mapped() needs
     PERF_EVENT_FLAG_USER_READ_CNT, reported as cap_user_rdpmc=0), so RDPMC of fixed counter 3 faults as well:
     not-allowed, not kvm-limit. FC3 faulting although the kernel enabled user RDPMC is the vPMU's fault."""
-    record = topdown("alu", 4_000_000, 3_200_000, 100_000, 300_000, 400_000, 1_000_000, signal=11, fixed3=11,
+    record = topdown_record("alu", 4_000_000, 3_200_000, 100_000, 300_000, 400_000, 1_000_000, signal=11, fixed3=11,
                      cap_user=0)  # fmt: skip
-    v = fv.topdown_rdpmc(ON, topdown_view(**{"cpu/rdpmc": "0"}), [record])
+    v = topdown.topdown_rdpmc(ON, topdown_view(**{"cpu/rdpmc": "0"}), [record])
     assert v.status == "skip" and v.reason.startswith("not-allowed: the guest kernel gave this task no user RDPMC")
     assert "cap_user_rdpmc=0" in v.reason and "cpu/rdpmc=0" in v.reason
     enabled = {**record, "rdpmc_cap_user": 1}
-    v = fv.topdown_rdpmc(ON, topdown_view(), [enabled])
+    v = topdown.topdown_rdpmc(ON, topdown_view(), [enabled])
     assert v.status == "fail" and "fixed counter 3 (ECX=0x40000003) #GPs" in v.reason
     old = {k: v for k, v in record.items() if k not in ("rdpmc_fixed3_signal", "rdpmc_cap_user")}
-    assert "no control read in this record" in fv.topdown_rdpmc(ON, topdown_view(), [old]).reason
-    unmapped = topdown("alu", 4_000_000, 3_200_000, 100_000, 300_000, 400_000, 1_000_000, signal=-1, fixed3=-1,
+    assert "no control read in this record" in topdown.topdown_rdpmc(ON, topdown_view(), [old]).reason
+    unmapped = topdown_record("alu", 4_000_000, 3_200_000, 100_000, 300_000, 400_000, 1_000_000, signal=-1, fixed3=-1,
                        cap_user=-1)  # fmt: skip
-    assert fv.topdown_rdpmc(ON, topdown_view(), [unmapped]).status == "error"
+    assert topdown.topdown_rdpmc(ON, topdown_view(), [unmapped]).status == "error"
 
 
 def test_topdown_probe_reads_the_control_before_the_metrics():
@@ -219,28 +220,28 @@ def test_topdown_needs_the_guest_kernels_topdown_events():
     view = replace(view, sysfs={k: v for k, v in view.sysfs.items() if k != "cpu/events/topdown-retiring"},
                    kernel_banner="Performance Events: generic architected perfmon, full-width counters, Intel PMU "
                                  "driver.")  # fmt: skip
-    assert fv.topdown_enumeration(ON, view).status == "pass"  # KVM and QEMU kept the promise
-    assert not fv.topdown_usable(view) and fv.topdown_usable(topdown_view())
-    for check in (fv.topdown_metrics, fv.topdown_workloads, fv.topdown_rdpmc):
+    assert topdown.topdown_enumeration(ON, view).status == "pass"  # KVM and QEMU kept the promise
+    assert not topdown.topdown_usable(view) and topdown.topdown_usable(topdown_view())
+    for check in (topdown.topdown_metrics, topdown.topdown_workloads, topdown.topdown_rdpmc):
         v = check(ON, view, GOOD_TOPDOWN, "6.1.0-28-amd64")
         assert v.status == "skip" and v.reason.startswith("guest-kernel: ")
         assert "guest kernel 6.1.0-28-amd64" in v.reason and "cpu/caps/pmu_name=generic_arch_v5+" in v.reason
         assert "generic architected perfmon" in v.reason and "cpu/events/topdown-retiring" in v.reason
-    assert fv.topdown_width(ON, view, GOOD_TOPDOWN, None, "6.1.0-28-amd64").reason.startswith("guest-kernel: ")
+    assert topdown.topdown_width(ON, view, GOOD_TOPDOWN, None, "6.1.0-28-amd64").reason.startswith("guest-kernel: ")
 
 
 def test_topdown_needs_both_fc3_and_perf_metrics():
     """Fixed counter 3 without PERF_METRICS (a mediated vPMU may expose more fixed counters) is not topdown: the
     measurements are not taken on it, and a promised topdown that shows only FC3 FAILs."""
     fc3_only = with_perf_caps(topdown_view(), 0x2000)
-    assert not fv.topdown_usable(fc3_only)
-    v = fv.topdown_metrics(ON, fc3_only, GOOD_TOPDOWN)
+    assert not topdown.topdown_usable(fc3_only)
+    v = topdown.topdown_metrics(ON, fc3_only, GOOD_TOPDOWN)
     assert v.status == "fail" and "does not enumerate FC3 + PERF_METRICS" in v.reason
-    assert fv.topdown_enumeration(OFF, fc3_only).status == "pass"
+    assert topdown.topdown_enumeration(OFF, fc3_only).status == "pass"
 
 
 def test_topdown_skips_when_not_expected():
-    assert fv.topdown_metrics(OFF, intel_kvm_guest_view(), []).reason == OFF.reason
+    assert topdown.topdown_metrics(OFF, intel_kvm_guest_view(), []).reason == OFF.reason
 
 
 # --- LBR ----------------------------------------------------------------------------------------------------
@@ -296,24 +297,24 @@ def any_records(extra_entry=None, max_nr=32):
 
 
 def test_lbr_enumeration():
-    assert fv.legacy_lbr_enumeration(ON, lbr_view()).status == "pass"
-    assert fv.legacy_lbr_enumeration(OFF, intel_kvm_guest_view()).status == "pass"
-    assert fv.legacy_lbr_enumeration(ON, intel_kvm_guest_view()).status == "fail"
+    assert lbr.legacy_lbr_enumeration(ON, lbr_view()).status == "pass"
+    assert lbr.legacy_lbr_enumeration(OFF, intel_kvm_guest_view()).status == "pass"
+    assert lbr.legacy_lbr_enumeration(ON, intel_kvm_guest_view()).status == "fail"
     arch = replace(lbr_view(32), caps=replace(lbr_view().caps, arch_lbr=ArchLbr([8, 16, 32], True, True, True, True,
                                                                                 True, True)))  # fmt: skip
-    assert fv.arch_lbr_enumeration(ON, arch).status == "pass"
+    assert lbr.arch_lbr_enumeration(ON, arch).status == "pass"
     odd = replace(arch, sysfs={**arch.sysfs, "cpu/caps/branches": "24"})
-    assert "not one of CPUID.1CH" in fv.arch_lbr_enumeration(ON, odd).reason
+    assert "not one of CPUID.1CH" in lbr.arch_lbr_enumeration(ON, odd).reason
 
 
 def test_lbr_records():
     view = lbr_view()
-    assert fv.lbr_records(ON, view, any_records()).status == "pass"
-    v = fv.lbr_records(ON, view, any_records(extra_entry=[F1, 0xFFFFFFFF81000000, 0]))
+    assert lbr.lbr_records(ON, view, any_records()).status == "pass"
+    v = lbr.lbr_records(ON, view, any_records(extra_entry=[F1, 0xFFFFFFFF81000000, 0]))
     assert v.status == "fail" and "kernel-space branch targets" in v.reason
-    v = fv.lbr_records(ON, view, any_records(extra_entry=[0x7F0000001000, F1, 0]))
+    v = lbr.lbr_records(ON, view, any_records(extra_entry=[0x7F0000001000, F1, 0]))
     assert v.status == "fail" and "outside the probe's text" in v.reason
-    v = fv.lbr_records(ON, view, any_records(max_nr=16))
+    v = lbr.lbr_records(ON, view, any_records(max_nr=16))
     assert v.status == "fail" and "!= enumerated depth 32" in v.reason
 
 
@@ -321,22 +322,22 @@ def test_lbr_user_filter_is_by_target():
     """PERF_SAMPLE_BRANCH_USER keeps branches whose target is in user space, so the return from an interrupt
     (kernel iret -> the interrupted user IP) is a legitimate entry of a USER-only stack."""
     iret = [0xFFFFFFFF81E00A5B, F3 + 1, 0]
-    v = fv.lbr_records(ON, lbr_view(), any_records(extra_entry=iret))
+    v = lbr.lbr_records(ON, lbr_view(), any_records(extra_entry=iret))
     assert v.status == "pass" and v.observed["kernel_to_user_returns"] == 1
 
 
 def test_lbr_ring_returns_exactly_as_the_review_asks():
     """Review F2: a kernel->user entry (iret/sysret to the interrupted user IP) passes; an entry whose source and
     target are both kernel addresses is a leak."""
-    v = fv.lbr_records(ON, lbr_view(), any_records(extra_entry=[0xFFFFFFFF81E00000, F1, 0]))
+    v = lbr.lbr_records(ON, lbr_view(), any_records(extra_entry=[0xFFFFFFFF81E00000, F1, 0]))
     assert v.status == "pass" and v.observed["kernel_to_user_returns"] == 1 and v.observed["kernel_targets"] == 0
-    v = fv.lbr_records(ON, lbr_view(), any_records(extra_entry=[0xFFFFFFFF81E00000, 0xFFFFFFFF81000000, 0]))
+    v = lbr.lbr_records(ON, lbr_view(), any_records(extra_entry=[0xFFFFFFFF81E00000, 0xFFFFFFFF81000000, 0]))
     assert v.status == "fail" and "1 kernel-space branch targets" in v.reason
 
 
 def test_lbr_zero_entries_are_a_reset_not_foreign_branches():
     """utils.c get_branch_type(): from/to 0 "maybe zero if lbr did not fill up after a reset"."""
-    v = fv.lbr_records(ON, lbr_view(), any_records(extra_entry=[0, 0, 0]))
+    v = lbr.lbr_records(ON, lbr_view(), any_records(extra_entry=[0, 0, 0]))
     assert v.status == "pass" and v.observed["zero_entries"] == 1 and v.observed["outside_text"] == 0
 
 
@@ -345,17 +346,17 @@ def test_lbr_lost_records_are_judged_by_what_arrived():
     arrived are judged as usual; when none arrived it is the probe's buffer (ERROR), throttling SKIPs."""
     records = any_records()
     records[1] = branch_mode("any", 1, 32, lost=3)
-    v = fv.lbr_records(ON, lbr_view(), records)
+    v = lbr.lbr_records(ON, lbr_view(), records)
     assert v.status == "pass" and v.observed["lost"] == 3
     all_lost = [layout(), branch_mode("any", 0, 0, lost=2)]
-    v = fv.lbr_records(ON, lbr_view(), all_lost)
+    v = lbr.lbr_records(ON, lbr_view(), all_lost)
     assert v.status == "error" and "2 PERF_RECORD_LOST" in v.reason
-    nothing = fv.lbr_records(ON, lbr_view(), [layout(), branch_mode("any", 0, 0)])
+    nothing = lbr.lbr_records(ON, lbr_view(), [layout(), branch_mode("any", 0, 0)])
     assert nothing.status == "fail" and "no branch-stack samples" in nothing.reason
     throttled = [sampling_setup("lbr"), layout(), branch_mode("any", 0, 0, throttled=1)]
-    assert fv.lbr_records(ON, lbr_view(), throttled).reason.startswith("guest kernel throttled sampling")
+    assert lbr.lbr_records(ON, lbr_view(), throttled).reason.startswith("guest kernel throttled sampling")
     cs_lost = [layout(), branch_mode("call_stack", 0, 0, lost=1)]
-    assert fv.lbr_call_stack(ON, lbr_view(), cs_lost).status == "error"
+    assert lbr.lbr_call_stack(ON, lbr_view(), cs_lost).status == "error"
 
 
 def test_lbr_empty_call_stacks():
@@ -365,10 +366,10 @@ def test_lbr_empty_call_stacks():
     good_any = any_records()
     empty = [*good_any, branch_mode("call_stack", 50, 0), branch_sample("call_stack", F3 + 1, []),
              branch_sample("call_stack", CHAIN_JNE, [])]  # fmt: skip
-    v = fv.lbr_call_stack(ON, lbr_view(), empty)
+    v = lbr.lbr_call_stack(ON, lbr_view(), empty)
     assert v.status == "fail" and "all 50 call-stack samples have an empty stack" in v.reason
     none = [*good_any, branch_mode("call_stack", 0, 0)]
-    assert fv.lbr_call_stack(ON, lbr_view(), none).reason == "no call-stack samples"
+    assert lbr.lbr_call_stack(ON, lbr_view(), none).reason == "no call-stack samples"
 
 
 def test_lbr_reclaimed_by_a_host_user_is_a_skip():
@@ -377,7 +378,7 @@ def test_lbr_reclaimed_by_a_host_user_is_a_skip():
     is empty. A healthy host with a branch-sampling agent does that, so it SKIPs naming the host log line."""
     records = [layout(), branch_mode("any", 40, 0), branch_sample("any", F3, []), branch_mode("call_stack", 40, 0),
                branch_sample("call_stack", F3 + 1, [])]  # fmt: skip
-    for check in (fv.lbr_records, fv.lbr_call_stack):
+    for check in (lbr.lbr_records, lbr.lbr_call_stack):
         v = check(ON, lbr_view(), records)
         assert v.status == "skip" and v.reason.startswith("host: every branch stack is empty")
         assert "fail to passthrough LBR" in v.reason
@@ -389,27 +390,27 @@ def test_lbr_on_a_guest_kernel_that_does_not_know_the_model():
     banner = "Performance Events: generic architected perfmon, full-width counters, Intel PMU driver."
     generic = replace(with_perf_caps(intel_kvm_guest_view(), 0x2005, **{"cpu/caps/pmu_name": "generic_arch_v2+"}),
                       kernel_banner=banner)  # fmt: skip
-    v = fv.legacy_lbr_enumeration(ON, generic, "6.1.0-28-amd64")
+    v = lbr.legacy_lbr_enumeration(ON, generic, "6.1.0-28-amd64")
     assert v.status == "skip" and v.reason.startswith("guest-kernel: PERF_CAPABILITIES[5:0] shows LBR format 5")
     assert "guest kernel 6.1.0-28-amd64" in v.reason and "generic architected perfmon" in v.reason
-    for check in (fv.lbr_records, fv.lbr_call_stack):
+    for check in (lbr.lbr_records, lbr.lbr_call_stack):
         assert check(ON, generic, any_records(), release="6.1.0-28-amd64").reason.startswith("guest-kernel: ")
     known = with_perf_caps(intel_kvm_guest_view(), 0x2005, **{"cpu/caps/pmu_name": "skylake"})
-    v = fv.legacy_lbr_enumeration(ON, known, "6.1.0-28-amd64")
+    v = lbr.legacy_lbr_enumeration(ON, known, "6.1.0-28-amd64")
     assert v.status == "fail" and "check_msr()" in v.reason  # a kernel that knows the model: the vPMU answers
-    assert fv.lbr_records(ON, known, any_records()).status == "fail"
+    assert lbr.lbr_records(ON, known, any_records()).status == "fail"
 
 
 def test_lbr_call_stack():
     chain = one_iteration()[:3]  # the open calls: f2 -> f3, f1 -> f2, chain -> f1
     records = [layout(), branch_mode("call_stack", 2, 3), branch_sample("call_stack", F3 + 1, chain),
                branch_sample("call_stack", F3 + 2, chain)]  # fmt: skip
-    assert fv.lbr_call_stack(ON, lbr_view(), records).status == "pass"
+    assert lbr.lbr_call_stack(ON, lbr_view(), records).status == "pass"
     broken = [layout(), branch_mode("call_stack", 1, 3), branch_sample("call_stack", F3, chain[1:] + chain[:1])]
-    assert fv.lbr_call_stack(ON, lbr_view(), broken).status == "fail"
+    assert lbr.lbr_call_stack(ON, lbr_view(), broken).status == "fail"
     unsupported = [layout(), {"probe": "lbr", "kind": "branch_mode", "mode": "call_stack", "error": "perf_event_open",
                               "errno": 95, "strerror": "Operation not supported"}]  # fmt: skip
-    assert fv.lbr_call_stack(ON, lbr_view(), unsupported).status == "skip"
+    assert lbr.lbr_call_stack(ON, lbr_view(), unsupported).status == "skip"
 
 
 def test_lbr_probe_calls_are_real_calls(tmp_path):
@@ -460,9 +461,9 @@ def test_pebs_probe_keeps_large_pebs():
 
 def test_pebs_enumeration():
     view = pebs_view()
-    assert fv.pebs_enumeration(ON, view).status == "pass"  # SPR dump: DS set in CPUID.1:EDX
-    assert fv.pebs_enumeration(OFF, intel_kvm_guest_view()).status == "pass"
-    assert "format 3 < 4" in fv.pebs_enumeration(ON, pebs_view(fmt=3)).reason
+    assert pebs.pebs_enumeration(ON, view).status == "pass"  # SPR dump: DS set in CPUID.1:EDX
+    assert pebs.pebs_enumeration(OFF, intel_kvm_guest_view()).status == "pass"
+    assert "format 3 < 4" in pebs.pebs_enumeration(ON, pebs_view(fmt=3)).reason
 
 
 #: What a 6.1 guest kernel prints on a PEBS format 6 CPU it does not know (a Clearwater Forest host): ds.c
@@ -475,16 +476,16 @@ def test_pebs_format_the_guest_kernel_does_not_know():
     """Review F3: KVM and QEMU enumerate PEBS format 6, the 6.1 guest kernel switches PEBS off in its own words:
     SKIP naming the kernel, not FAIL blaming the host. Without such words a max_precise of 0 still FAILs."""
     fmt6 = replace(pebs_view(fmt=6, max_precise=0), kernel_banner=FMT6_ON_6_1)
-    v = fv.pebs_enumeration(ON, fmt6, "6.1.0-28-amd64")
+    v = pebs.pebs_enumeration(ON, fmt6, "6.1.0-28-amd64")
     assert v.status == "skip" and v.reason.startswith("guest-kernel: PERF_CAPABILITIES[11:8] shows PEBS format 6")
     assert '"no PEBS fmt6+"' in v.reason and "guest kernel 6.1.0-28-amd64" in v.reason
     for level in (1, 2, 3):
-        assert fv.pebs_precise(ON, fmt6, [], level, release="6.1.0-28-amd64").reason.startswith("guest-kernel: ")
-    assert fv.pebs_ldlat(ON, fmt6, [], 30, release="6.1.0-28-amd64").reason.startswith("guest-kernel: ")
+        assert pebs.pebs_precise(ON, fmt6, [], level, release="6.1.0-28-amd64").reason.startswith("guest-kernel: ")
+    assert pebs.pebs_ldlat(ON, fmt6, [], 30, release="6.1.0-28-amd64").reason.startswith("guest-kernel: ")
     silent = pebs_view(fmt=4, max_precise=0)
-    assert fv.pebs_enumeration(ON, silent).status == "fail"
-    assert fv.pebs_precise(ON, silent, [], 1).status == "fail"
-    assert fv.pebs_enumeration(OFF, fmt6).status == "pass"  # not expected: absent, as expected
+    assert pebs.pebs_enumeration(ON, silent).status == "fail"
+    assert pebs.pebs_precise(ON, silent, [], 1).status == "fail"
+    assert pebs.pebs_enumeration(OFF, fmt6).status == "pass"  # not expected: absent, as expected
 
 
 def test_pebs_without_a_constraint_on_an_unknown_model():
@@ -493,12 +494,12 @@ def test_pebs_without_a_constraint_on_an_unknown_model():
     view = replace(pebs_view(fmt=5), sysfs={**pebs_view(fmt=5).sysfs, "cpu/caps/pmu_name": "generic_arch_v5+"})
     einval = {"probe": "pebs", "kind": "precise", "precise_ip": 1, "config": 0x81D0, "error": "perf_event_open",
               "errno": 22, "strerror": "Invalid argument"}  # fmt: skip
-    v = fv.pebs_precise(ON, view, [einval], 1, release="6.1.0-28-amd64")
+    v = pebs.pebs_precise(ON, view, [einval], 1, release="6.1.0-28-amd64")
     assert v.status == "skip" and "&emptyconstraint" in v.reason
     n = 1_000_000 // 10_007
-    assert fv.pebs_precise(ON, view, [precise(1, n, n)], 1).status == "pass"  # scheduled anyway: judged
+    assert pebs.pebs_precise(ON, view, [precise(1, n, n)], 1).status == "pass"  # scheduled anyway: judged
     known = pebs_view(fmt=5)
-    assert fv.pebs_precise(ON, known, [{**einval}], 1).status == "fail"
+    assert pebs.pebs_precise(ON, known, [{**einval}], 1).status == "fail"
 
 
 def test_pebs_shortfall_under_a_competing_host_load():
@@ -507,29 +508,29 @@ def test_pebs_shortfall_under_a_competing_host_load():
     numbers; under idle and the software-only load it still FAILs, and wrong IPs FAIL under any load."""
     view, n = pebs_view(fmt=4), 1_000_000 // 10_007
     for name in ("host-multiplexing", "host-counting-host-only", "host-pinned", "host-sampling"):
-        v = fv.pebs_precise(ON, view, [precise(1, 0, 0)], 1, LOADS[name])
+        v = pebs.pebs_precise(ON, view, [precise(1, 0, 0)], 1, LOADS[name])
         assert v.status == "skip" and v.reason.startswith(f"host-load: 0 PEBS samples where {n} +/- 2 are due")
         assert f"host load {name} (" in v.reason and "cross-mapped" in v.reason
     for name in ("idle", "host-sw-counting"):
-        v = fv.pebs_precise(ON, view, [precise(1, 0, 0)], 1, LOADS[name])
+        v = pebs.pebs_precise(ON, view, [precise(1, 0, 0)], 1, LOADS[name])
         assert v.status == "fail" and f"0 samples, want {n} +/- 2" in v.reason
-    assert fv.pebs_precise(ON, view, [precise(1, 0, 0)], 1).status == "fail"  # no load known: strict
+    assert pebs.pebs_precise(ON, view, [precise(1, 0, 0)], 1).status == "fail"  # no load known: strict
     wrong = precise(2, 40, 20, 20)  # short and half of the IPs off by one: wrong data under any load
-    v = fv.pebs_precise(ON, view, [wrong], 2, LOADS["host-multiplexing"])
+    v = pebs.pebs_precise(ON, view, [wrong], 2, LOADS["host-multiplexing"])
     assert v.status == "fail" and "only 20 of 40 IPs at the load" in v.reason and "samples, want" not in v.reason
-    too_many = fv.pebs_precise(ON, view, [precise(2, n + 5, n + 5)], 2, LOADS["host-multiplexing"])
+    too_many = pebs.pebs_precise(ON, view, [precise(2, n + 5, n + 5)], 2, LOADS["host-multiplexing"])
     assert too_many.status == "fail"
-    assert fv.pebs_precise(ON, view, [precise(2, n, n)], 2, LOADS["host-sampling"]).status == "pass"
-    v = fv.pebs_ldlat(ON, pebs_view(fmt=4, baseline=True), [ldlat(0, 0, 0)], 30, LOADS["host-pinned"])
+    assert pebs.pebs_precise(ON, view, [precise(2, n, n)], 2, LOADS["host-sampling"]).status == "pass"
+    v = pebs.pebs_ldlat(ON, pebs_view(fmt=4, baseline=True), [ldlat(0, 0, 0)], 30, LOADS["host-pinned"])
     assert v.status == "skip" and v.reason.startswith("host-load: 0 PEBS samples")
-    assert fv.pebs_ldlat(ON, pebs_view(fmt=4, baseline=True), [ldlat(0, 0, 0)], 30, LOADS["idle"]).status == "fail"
+    assert pebs.pebs_ldlat(ON, pebs_view(fmt=4, baseline=True), [ldlat(0, 0, 0)], 30, LOADS["idle"]).status == "fail"
 
 
 def test_competing_loads_are_the_ones_on_the_pmu():
     """Every shipped load: core-PMU events compete, idle and software-only loads do not."""
-    competing = {name for name, spec in LOADS.items() if fv.pebs_competing_load(spec)}
+    competing = {name for name, spec in LOADS.items() if pebs.pebs_competing_load(spec)}
     assert competing == set(LOADS) - {"idle", "host-sw-counting"}
-    assert fv.pebs_competing_load(None) is None
+    assert pebs.pebs_competing_load(None) is None
 
 
 def test_guest_kernel_release_of_live_and_replayed_runs():
@@ -543,8 +544,8 @@ def test_guest_kernel_release_of_live_and_replayed_runs():
         def summary(self):
             return {"kernel_release": "6.12.9-amd64"}
 
-    assert fv.guest_kernel_release(Live()) == "6.1.0-28-amd64"
-    assert fv.guest_kernel_release(Replayed()) == "6.12.9-amd64"
+    assert guest_kernel.guest_kernel_release(Live()) == "6.1.0-28-amd64"
+    assert guest_kernel.guest_kernel_release(Replayed()) == "6.12.9-amd64"
 
 
 def test_pebs_precise_levels():
@@ -554,44 +555,44 @@ def test_pebs_precise_levels():
     n = 1_000_000 // 10_007
     kvm = pebs_view(fmt=4)
     for level in (1, 2, 3):
-        assert fv.pebs_precise(ON, kvm, [precise(level, n, n)], level).status == "pass"
-    v = fv.pebs_precise(ON, kvm, [precise(1, n, 0, n, exact=0)], 1)  # off-by-1 on a baseline-less format 4: wrong
+        assert pebs.pebs_precise(ON, kvm, [precise(level, n, n)], level).status == "pass"
+    v = pebs.pebs_precise(ON, kvm, [precise(1, n, 0, n, exact=0)], 1)  # off-by-1 on a baseline-less format 4: wrong
     assert v.status == "fail" and "IPs at the load" in v.reason
-    assert fv.pebs_precise(ON, kvm, [precise(2, n, n - 5, 5)], 2).status == "fail"
-    assert fv.pebs_precise(ON, kvm, [precise(2, n, n, exact=n - 1)], 2).status == "fail"  # EXACT_IP missing
+    assert pebs.pebs_precise(ON, kvm, [precise(2, n, n - 5, 5)], 2).status == "fail"
+    assert pebs.pebs_precise(ON, kvm, [precise(2, n, n, exact=n - 1)], 2).status == "fail"  # EXACT_IP missing
     adaptive = pebs_view(fmt=5, baseline=True)
-    assert fv.pebs_precise(ON, adaptive, [precise(1, n, 0, n, exact=0)], 1).status == "pass"
-    assert fv.pebs_precise(ON, adaptive, [precise(2, n, n)], 2).status == "pass"
+    assert pebs.pebs_precise(ON, adaptive, [precise(1, n, 0, n, exact=0)], 1).status == "pass"
+    assert pebs.pebs_precise(ON, adaptive, [precise(2, n, n)], 2).status == "pass"
     legacy = pebs_view(fmt=3)
-    assert fv.pebs_precise(ON, legacy, [precise(1, n, 0, n, exact=0)], 1).status == "pass"  # trap-like: next IP
-    assert fv.pebs_precise(ON, legacy, [precise(1, n, n)], 1).status == "fail"
+    assert pebs.pebs_precise(ON, legacy, [precise(1, n, 0, n, exact=0)], 1).status == "pass"  # trap-like: next IP
+    assert pebs.pebs_precise(ON, legacy, [precise(1, n, n)], 1).status == "fail"
     fmt1 = pebs_view(fmt=1)  # precise_ip >= 2 through the LBR fixup, which may not succeed for every record
-    assert fv.pebs_precise(ON, fmt1, [precise(2, n, n - 3, 3, exact=n - 3)], 2).status == "pass"
-    assert fv.pebs_precise(ON, pebs_view(max_precise=2), [], 3).status == "skip"
-    assert fv.pebs_precise(ON, kvm, [precise(2, n + 3, n + 3)], 2).status == "fail"
+    assert pebs.pebs_precise(ON, fmt1, [precise(2, n, n - 3, 3, exact=n - 3)], 2).status == "pass"
+    assert pebs.pebs_precise(ON, pebs_view(max_precise=2), [], 3).status == "skip"
+    assert pebs.pebs_precise(ON, kvm, [precise(2, n + 3, n + 3)], 2).status == "fail"
 
 
 def test_pebs_ip_model():
-    assert [fv.pebs_ip_model(4, False, level) for level in (1, 2, 3)] == ["load"] * 3
-    assert [fv.pebs_ip_model(4, True, level) for level in (1, 2, 3)] == ["next", "load", "load"]
-    assert [fv.pebs_ip_model(3, False, level) for level in (1, 2)] == ["next", "load"]
-    assert fv.pebs_ip_model(1, False, 2) == "fixup"
+    assert [pebs.pebs_ip_model(4, False, level) for level in (1, 2, 3)] == ["load"] * 3
+    assert [pebs.pebs_ip_model(4, True, level) for level in (1, 2, 3)] == ["next", "load", "load"]
+    assert [pebs.pebs_ip_model(3, False, level) for level in (1, 2)] == ["next", "load"]
+    assert pebs.pebs_ip_model(1, False, 2) == "fixup"
 
 
 def test_pebs_throttled_is_a_skip_not_a_fail():
     view = pebs_view(fmt=4)
     records = [sampling_setup(), precise(2, 40, 40, throttled=1)]  # 40 of 99 samples: the event was throttled
-    v = fv.pebs_precise(ON, view, records, 2)
+    v = pebs.pebs_precise(ON, view, records, 2)
     assert v.status == "skip" and v.reason.startswith("guest kernel throttled sampling: 1 PERF_RECORD_THROTTLE")
     assert "perf_cpu_time_max_percent=0" in v.reason and "__perf_event_account_interrupt" in v.reason
-    lost = fv.pebs_precise(ON, view, [precise(2, 99, 99, lost=1)], 2)
+    lost = pebs.pebs_precise(ON, view, [precise(2, 99, 99, lost=1)], 2)
     assert lost.status == "fail" and "1 lost records" in lost.reason
 
 
 def test_adaptive_pebs_stays_hidden():
     pmu = Expectation("arch_perfmon", True, "expected")
-    assert fv.pebs_no_adaptive(pmu, OFF, pebs_view()).status == "pass"
-    v = fv.pebs_no_adaptive(pmu, OFF, pebs_view(baseline=True))
+    assert pebs.pebs_no_adaptive(pmu, OFF, pebs_view()).status == "pass"
+    v = pebs.pebs_no_adaptive(pmu, OFF, pebs_view(baseline=True))
     assert v.status == "fail" and "PEBS baseline" in v.reason
 
 
@@ -605,24 +606,24 @@ def ldlat(samples=50, addr_in_buffer=50, weight_ge=50, throttled=0):
 def test_pebs_ldlat():
     adaptive = pebs_view(fmt=4, baseline=True)
     assert set(ldlat()) == template_keys("pebs", "ldlat") | {"probe", "kind"} | RING_KEYS | THROTTLE_KEYS
-    assert fv.pebs_ldlat(ON, adaptive, [ldlat()], 30).status == "pass"
-    assert fv.pebs_ldlat(ON, adaptive, [ldlat(addr_in_buffer=40)], 30).status == "fail"
-    assert fv.pebs_ldlat(ON, adaptive, [ldlat(weight_ge=40)], 30).status == "fail"
-    assert fv.pebs_ldlat(ON, pebs_view(fmt=3), [ldlat(addr_in_buffer=40)], 30).status == "fail"  # pebs->dla path
+    assert pebs.pebs_ldlat(ON, adaptive, [ldlat()], 30).status == "pass"
+    assert pebs.pebs_ldlat(ON, adaptive, [ldlat(addr_in_buffer=40)], 30).status == "fail"
+    assert pebs.pebs_ldlat(ON, adaptive, [ldlat(weight_ge=40)], 30).status == "fail"
+    assert pebs.pebs_ldlat(ON, pebs_view(fmt=3), [ldlat(addr_in_buffer=40)], 30).status == "fail"  # pebs->dla path
     enxio = {"probe": "pebs", "kind": "ldlat", "precise_ip": 2, "config": 0x1CD, "error": "perf_event_open",
              "errno": 6, "strerror": "No such device or address"}  # fmt: skip
-    assert "ENXIO" in fv.pebs_ldlat(ON, adaptive, [enxio], 30).reason
-    assert fv.pebs_ldlat(ON, adaptive, [sampling_setup(), ldlat(0, 0, 0, throttled=2)], 30).status == "skip"
-    assert fv.pebs_ldlat(ON, adaptive, [ldlat(0, 0, 0)], 30).reason == "no load-latency samples"
+    assert "ENXIO" in pebs.pebs_ldlat(ON, adaptive, [enxio], 30).reason
+    assert pebs.pebs_ldlat(ON, adaptive, [sampling_setup(), ldlat(0, 0, 0, throttled=2)], 30).status == "skip"
+    assert pebs.pebs_ldlat(ON, adaptive, [ldlat(0, 0, 0)], 30).reason == "no load-latency samples"
 
 
 def test_pebs_ldlat_without_baseline_is_not_a_fail():
     """Format >= 4 without PEBS baseline: intel_ds_init() "Only basic record supported", and the adaptive path takes
     the data address and latency only from MEMINFO, so the samples carry neither (perf zero-fills them)."""
     kvm = pebs_view(fmt=4, baseline=False)
-    v = fv.pebs_ldlat(ON, kvm, [ldlat(addr_in_buffer=0, weight_ge=0)], 30)
+    v = pebs.pebs_ldlat(ON, kvm, [ldlat(addr_in_buffer=0, weight_ge=0)], 30)
     assert v.status == "skip" and v.reason.startswith("not-enumerated: PEBS baseline") and "MEMINFO" in v.reason
-    assert fv.pebs_ldlat(ON, kvm, [ldlat()], 30).status == "pass"
+    assert pebs.pebs_ldlat(ON, kvm, [ldlat()], 30).status == "pass"
 
 
 # --- IBS ----------------------------------------------------------------------------------------------------
@@ -645,15 +646,15 @@ def ibs_regs(pmu, caps=GENOA_IBS_CAPS, val=True, address=LOOP[0] + 8, op_data=0)
     op: IbsOpCtl, IbsOpRip, IbsOpData, IbsOpData2, IbsOpData3, IbsDcLinAd, IbsDcPhysAd[, IbsBrTarget][, IbsOpData4];
     fetch: IbsFetchCtl, IbsFetchLinAd, IbsFetchPhysAd[, IbsFetchExtdCtl]."""
     if pmu == "ibs_op":
-        ctl = IBS_OP_MAX_CNT | IBS_OP_ENABLE | (fv.IBS_OP_VAL if val else 0)
+        ctl = IBS_OP_MAX_CNT | IBS_OP_ENABLE | (ibs.IBS_OP_VAL if val else 0)
         regs = [ctl, address, op_data, 0, 0x31960092, 0x7F0000100040, 0x8A5398920]
-        if caps & fv.IBS_CAPS_BRNTRGT:
+        if caps & ibs.IBS_CAPS_BRNTRGT:
             regs.append(0)
-        if caps & fv.IBS_CAPS_OPDATA4:
+        if caps & ibs.IBS_CAPS_OPDATA4:
             regs.append(0)
         return regs
-    regs = [(fv.IBS_FETCH_VAL if val else 0) | (1 << 48) | 0x1000, address, 0x8A5391100]
-    if caps & fv.IBS_CAPS_FETCHCTLEXTD:
+    regs = [(ibs.IBS_FETCH_VAL if val else 0) | (1 << 48) | 0x1000, address, 0x8A5391100]
+    if caps & ibs.IBS_CAPS_FETCHCTLEXTD:
         regs.append(0)
     return regs
 
@@ -682,44 +683,44 @@ def test_ibs_factories_match_the_template():
 
 def test_ibs_raw_payload_size_follows_caps():
     """Genoa's 0xBFF has IBS_CAPS_BRNTRGT and FETCHCTLEXTD but not OPDATA4: 8 op and 4 fetch registers."""
-    assert fv.ibs_raw_regs("ibs_op", GENOA_IBS_CAPS) == 8 == len(ibs_regs("ibs_op"))
-    assert fv.ibs_raw_regs("ibs_fetch", GENOA_IBS_CAPS) == 4 == len(ibs_regs("ibs_fetch"))
-    assert fv.ibs_raw_regs("ibs_op", GENOA_IBS_CAPS | fv.IBS_CAPS_OPDATA4) == 9
-    assert fv.ibs_raw_regs("ibs_op", 0x7) == 7 and fv.ibs_raw_regs("ibs_fetch", 0x7) == 3  # IBS_CAPS_DEFAULT
+    assert ibs.ibs_raw_regs("ibs_op", GENOA_IBS_CAPS) == 8 == len(ibs_regs("ibs_op"))
+    assert ibs.ibs_raw_regs("ibs_fetch", GENOA_IBS_CAPS) == 4 == len(ibs_regs("ibs_fetch"))
+    assert ibs.ibs_raw_regs("ibs_op", GENOA_IBS_CAPS | ibs.IBS_CAPS_OPDATA4) == 9
+    assert ibs.ibs_raw_regs("ibs_op", 0x7) == 7 and ibs.ibs_raw_regs("ibs_fetch", 0x7) == 3  # IBS_CAPS_DEFAULT
 
 
 def test_ibs_enumeration():
-    assert fv.ibs_enumeration(ON, ibs_view()).status == "pass"  # Genoa dump: CPUID IBS + the two PMUs
-    assert fv.ibs_enumeration(OFF, ibs_view()).status == "fail"
+    assert ibs.ibs_enumeration(ON, ibs_view()).status == "pass"  # Genoa dump: CPUID IBS + the two PMUs
+    assert ibs.ibs_enumeration(OFF, ibs_view()).status == "fail"
     no_pmus = amd_kvm_guest_view()
-    assert "registered no ibs_op" in fv.ibs_enumeration(ON, no_pmus).reason
+    assert "registered no ibs_op" in ibs.ibs_enumeration(ON, no_pmus).reason
 
 
 @pytest.mark.parametrize("pmu", ["ibs_op", "ibs_fetch"])
 def test_ibs_sampling(pmu):
     view = ibs_view()
-    v = fv.ibs_sampling(ON, view, ibs_records(pmu), pmu)
+    v = ibs.ibs_sampling(ON, view, ibs_records(pmu), pmu)
     assert v.status == "pass" and v.observed["raw_size_unexpected"] == 0
-    v = fv.ibs_sampling(ON, view, ibs_records(pmu, val=False), pmu)
+    v = ibs.ibs_sampling(ON, view, ibs_records(pmu, val=False), pmu)
     assert v.status == "error" and "lack the Val bit" in v.reason and "misaligned" in v.reason
-    assert "inside the loop" in fv.ibs_sampling(ON, view, ibs_records(pmu, inside=False), pmu).reason
+    assert "inside the loop" in ibs.ibs_sampling(ON, view, ibs_records(pmu, inside=False), pmu).reason
     register = "IbsOpRip" if pmu == "ibs_op" else "IbsFetchLinAd"
-    assert f"differs from {register}" in fv.ibs_sampling(ON, view, ibs_records(pmu, ip_matches=False), pmu).reason
-    assert fv.ibs_sampling(OFF, view, [], pmu).status == "skip"
+    assert f"differs from {register}" in ibs.ibs_sampling(ON, view, ibs_records(pmu, ip_matches=False), pmu).reason
+    assert ibs.ibs_sampling(OFF, view, [], pmu).status == "skip"
 
 
 def test_ibs_ring_overflow_is_the_probes_buffer():
     """PERF_RECORD_LOST only: the ring was full (ring_buffer.c perf_output_begin()), an ERROR of the probe."""
     mode = {**ibs_mode("ibs_op", 0), "lost": 4}
-    v = fv.ibs_sampling(ON, ibs_view(), [mode], "ibs_op")
+    v = ibs.ibs_sampling(ON, ibs_view(), [mode], "ibs_op")
     assert v.status == "error" and "4 PERF_RECORD_LOST" in v.reason
-    assert fv.ibs_sampling(ON, ibs_view(), [ibs_mode("ibs_op", 0)], "ibs_op").status == "fail"
+    assert ibs.ibs_sampling(ON, ibs_view(), [ibs_mode("ibs_op", 0)], "ibs_op").status == "fail"
 
 
 def test_ibs_sampling_needs_the_guest_kernels_pmus():
     """CPUID shows IBS but the guest kernel registered no ibs_op/ibs_fetch PMU (the probe cannot run): the promise
     is broken (FAIL, as ibs.enumeration says), not a harness error."""
-    v = fv.ibs_sampling(ON, amd_kvm_guest_view(), [], "ibs_op")
+    v = ibs.ibs_sampling(ON, amd_kvm_guest_view(), [], "ibs_op")
     assert v.status == "fail" and "registered no ibs_op/ibs_fetch PMU" in v.reason
 
 
@@ -728,11 +729,11 @@ def test_ibs_on_a_pre_6_2_guest_kernel(pmu):
     """Debian 12's 6.1 kernel has no per-task IBS (perf_invalid_context until "perf/amd/ibs: Make IBS a core pmu",
     6.2): the probe falls back to CPU-wide with its TID, and other threads' samples are left out."""
     records = ibs_records(pmu, mode="cpu", task_errno=22, foreign=7)
-    v = fv.ibs_sampling(ON, ibs_view(), records, pmu)
+    v = ibs.ibs_sampling(ON, ibs_view(), records, pmu)
     assert v.status == "pass" and "cpu mode" in v.reason and v.observed["foreign_samples"] == 7
     failed = {"probe": "ibs", "kind": "ibs_mode", "pmu": pmu, "mode": "cpu", "config": 0, "task_errno": 22,
               "error": "perf_event_open", "errno": 13, "strerror": "Permission denied"}  # fmt: skip
-    v = fv.ibs_sampling(ON, ibs_view(), [failed], pmu)
+    v = ibs.ibs_sampling(ON, ibs_view(), [failed], pmu)
     assert v.status == "fail" and "cpu mode: EACCES" in v.reason and "per-task open: EINVAL" in v.reason
 
 
@@ -741,11 +742,11 @@ def test_ibs_rip_invalid_samples_are_not_judged():
     IbsOpRip means nothing: such samples count neither for nor against the loop."""
     records = ibs_records("ibs_op", n=19)
     bad_rip = {"probe": "ibs", "kind": "ibs_sample", "pmu": "ibs_op", "ip": 0x401500, "caps": GENOA_IBS_CAPS,
-               "regs": ibs_regs("ibs_op", address=0, op_data=fv.IBS_RIP_INVALID)}  # fmt: skip
-    v = fv.ibs_sampling(ON, ibs_view(), [*records, bad_rip], "ibs_op")
+               "regs": ibs_regs("ibs_op", address=0, op_data=ibs.IBS_RIP_INVALID)}  # fmt: skip
+    v = ibs.ibs_sampling(ON, ibs_view(), [*records, bad_rip], "ibs_op")
     assert v.status == "pass" and v.observed["rip_invalid"] == 1 and v.observed["judged"] == 19
-    no_check = {**bad_rip, "caps": GENOA_IBS_CAPS & ~fv.IBS_CAPS_RIPINVALIDCHK}  # RipInvalid not honoured
-    assert fv.ibs_sampling(ON, ibs_view(), [*records, no_check], "ibs_op").observed["rip_invalid"] == 0
+    no_check = {**bad_rip, "caps": GENOA_IBS_CAPS & ~ibs.IBS_CAPS_RIPINVALIDCHK}  # RipInvalid not honoured
+    assert ibs.ibs_sampling(ON, ibs_view(), [*records, no_check], "ibs_op").observed["rip_invalid"] == 0
 
 
 def test_ibs_cnt_ctl_only_where_the_guest_kernel_offers_it():
@@ -758,7 +759,7 @@ def test_lbr_entries_checked_against_the_probe_binary(tmp_path):
     """The branch map of the real lbr probe: calls f1->f2->f3 and the loop's call to f1; recorded entries built
     from it pass, an entry starting inside the workload at a non-branch instruction fails, a call landing
     elsewhere fails."""
-    from harness.branch_map import branch_map
+    from harness.probe.branch_map import branch_map
 
     probe = ProbeBuilder(cache_dir=tmp_path).build("lbr", lbr_params())
     functions = ("vpmu_chain", "vpmu_f1", "vpmu_f2", "vpmu_f3")
@@ -778,9 +779,9 @@ def test_lbr_entries_checked_against_the_probe_binary(tmp_path):
         return [lay, branch_mode("any", 1, 32), branch_sample("any", f3, entries[:32])]
 
     view = lbr_view(32)
-    assert fv.lbr_records(ON, view, records(good), branches).status == "pass"
+    assert lbr.lbr_records(ON, view, records(good), branches).status == "pass"
     not_a_branch = [[f3 + 1, f2, 0], *good[1:]]  # f3+1 is a nop, not a branch
-    v = fv.lbr_records(ON, view, records(not_a_branch), branches)
+    v = lbr.lbr_records(ON, view, records(not_a_branch), branches)
     assert v.status == "fail" and "not at one of its branch instructions" in v.reason
     elsewhere = [[call_to[f2], f3, 0], *good[1:]]
-    assert "land elsewhere" in fv.lbr_records(ON, view, records(elsewhere), branches).reason
+    assert "land elsewhere" in lbr.lbr_records(ON, view, records(elsewhere), branches).reason

@@ -14,11 +14,11 @@ import paramiko
 import pytest
 
 from harness.errors import BootError, GuestCommandError, LaunchError, SshError
-from harness.guest import Guest, boot_guest
+from harness.guest.boot import Guest, boot_guest
+from harness.guest.machine import QemuMachine, sweep_stale_tmpdirs
+from harness.guest.qemu_argv import MachineConfig
+from harness.guest.ssh import GuestSession
 from harness.lifetime import process_state
-from harness.machine import QemuMachine, sweep_stale_tmpdirs
-from harness.qemu_argv import MachineConfig
-from harness.ssh import GuestSession
 
 pytestmark = pytest.mark.integration
 
@@ -183,7 +183,7 @@ def test_qemu_stopped_for_6_s_is_not_lost(guest):
     """QEMU SIGSTOPped for 6 s, then continued: while stopped it is reported as such at once (a VM-exit read gets
     None, not an error); a command that runs across the stop completes (the keepalive allows 10 s); afterwards
     nothing is left marked: not gone, keepalive answered, QMP answers."""
-    from harness.profile_run import vm_exits
+    from harness.suite.profile_run import vm_exits
 
     machine = guest.machine
     os.kill(machine.pid, signal.SIGSTOP)
@@ -209,9 +209,9 @@ def test_qemu_stopped_for_6_s_is_not_lost(guest):
 def test_console_trouble_during_a_probe_is_evidence_and_an_oops_loses_the_guest(guest, guest_image, accel, tmp_path):
     """A probe during which the guest kernel prints a WARN line fails with that line quoted; one during which it
     prints an oops marks the guest lost (it is rebooted before the next probe) even though the probe passed."""
-    from harness.probes import ProbeBuilder, ProbeError, ProbeRunner
-    from harness.profile_run import ProfileRun
-    from harness.profiles import Profile
+    from harness.cpu.profile import Profile
+    from harness.probe.runner import ProbeBuilder, ProbeError, ProbeRunner
+    from harness.suite.profile_run import ProfileRun
     from tests.helpers import TEST_DATA
 
     profile = Profile("selftest", "console evidence", "host", "max", ("kvm", "tcg"))

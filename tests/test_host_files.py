@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from harness import hostfacts
-from harness.caps import decode_caps
-from harness.cpuid_dump import load_cpuid_dump
+from harness.cpu.caps import decode_caps
+from harness.cpu.cpuid_dump import load_cpuid_dump
+from harness.host import hostfacts
 from tests.helpers import CPUID_DIR, TEST_DATA
 
 HOSTS_DIR = TEST_DATA / "hosts"
@@ -356,8 +356,8 @@ def test_rome_offer() -> None:
 @pytest.mark.parametrize("path", HOST_FILES, ids=lambda p: p.stem)
 def test_decoded_fields_match_the_raw_ones(path: Path) -> None:
     """pmu and perf_capabilities_decoded are the decoders' view of the raw values in the same file."""
-    from harness.caps import decode_perf_capabilities
-    from harness.kvm_offer import cpuid_table
+    from harness.cpu.caps import decode_perf_capabilities
+    from harness.host.kvm_offer import cpuid_table
 
     offer = json.loads(path.read_text())["kvm_offer"]
     assert decode_caps(cpuid_table(offer["cpuid"])).to_json() == offer["pmu"]

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from harness import coexist, mediated_probe
-from harness.expectations import CONDITIONS, Context
-from harness.loads import HostLoad, LoadResult, load_loads, precheck
-from harness.perf_output import error_message, parse_stat_csv, summarize
-from harness.profiles import load_profiles
+from harness.host import mediated_probe
+from harness.host.loads import HostLoad, LoadResult, load_loads, precheck
+from harness.host.perf_output import error_message, parse_stat_csv, summarize
+from harness.judge import coexist
+from harness.judge.expectations import CONDITIONS, Context
+from harness.suite.profiles import load_profiles
 from tests.helpers import SHARED_DATA, TEST_DATA
 
 PROFILES = load_profiles()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import hostfacts, kvm_offer
+from harness.host import hostfacts, kvm_offer
 from tests.helpers import run_cli
 
 QEMU = {"path": "/usr/bin/qemu-system-x86_64", "version": "7.2.22", "accels": ["tcg", "kvm"]}

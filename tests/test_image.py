@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness.errors import UsageError
-from harness.image import READY_MARKER, Image, build_image, kernel_release_of
+from harness.guest.image import READY_MARKER, Image, build_image, kernel_release_of
 from harness.paths import cache_root
 from tests.helpers import assert_one_line_error, run_cli
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import image
-from harness.image import KeyMemo, identity
+from harness.guest import image
+from harness.guest.image import KeyMemo, identity
 
 
 def settle(path: Path) -> None:

@@ -10,8 +10,8 @@ import jsonschema
 import pytest
 from kcidb_io import schema
 
-from harness import kcidb, results
 from harness.errors import HarnessError, UsageError
+from harness.report import kcidb, results
 from tests.helpers import run_cli
 from tests.test_reports import check, document
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import kvm_offer
-from harness.caps import decode_caps
-from harness.cpuid_dump import CpuidTable, load_cpuid_dump
+from harness.cpu.caps import decode_caps
+from harness.cpu.cpuid_dump import CpuidTable, load_cpuid_dump
+from harness.host import kvm_offer
 from tests.helpers import CPUID_DIR
 
 SPR = "GenuineIntel00806F8_SapphireRapids_05_CPUID.txt"

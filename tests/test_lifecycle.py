@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness import results
+from harness.report import results
 
 pytestmark = pytest.mark.integration
 STEPS = ("lifecycle.reset", "lifecycle.guest_reboot", "lifecycle.save_restore", "lifecycle.migration")

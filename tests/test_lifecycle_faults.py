@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from harness import lifecycle, lifecycle_verdicts, lifetime, results
+from harness import lifetime
 from harness.errors import LifecycleError
-from harness.profile_run import ProfileRun
-from harness.profiles import DEFAULT_PROFILES_FILE, load_profiles
+from harness.judge import lifecycle as lifecycle_verdicts
+from harness.report import results
+from harness.suite import lifecycle
+from harness.suite.profile_run import ProfileRun
+from harness.suite.profiles import DEFAULT_PROFILES_FILE, load_profiles
 from tests.conftest import qemu_pids
 from tests.helpers import run_cli
 from tests.test_verdicts import intel_kvm_guest_view

@@ -1,4 +1,4 @@
-"""Life-cycle verdicts over records in the msr probe's exact format (its life-cycle modes) and harness/lifecycle.py's
+"""Life-cycle verdicts over records in the msr probe's exact format (its life-cycle modes) and suite/lifecycle.py's
 own records, built as a real KVM host would produce them, Intel and AMD, healthy and with the known bugs:
 QEMU before the 2025 AMD series (event selects not reset, AMD PMU MSRs not migrated), a counter value truncated to
 32 bits on restore, a lost GLOBAL_CTRL, counts lost across the switch-over.
@@ -15,10 +15,10 @@ import subprocess
 
 import pytest
 
-from harness import lifecycle_verdicts as lv
-from harness.probe_params import msr_params
-from harness.probes import PROBES_DIR
-from harness.workloads import LOOP
+from harness.judge import lifecycle as lv
+from harness.probe.params import msr_params
+from harness.probe.runner import PROBES_DIR
+from harness.probe.workloads import LOOP
 from tests.test_verdicts import ABSENT, EXPECTED, amd_kvm_guest_view, function_keys, intel_kvm_guest_view, windows
 
 N = 1_000_000
@@ -54,7 +54,7 @@ def layout(vendor: str) -> list[tuple[str, int, int]]:
 
 
 def dump(vendor: str, stage: str, point: str, values: dict[str, int]) -> list[dict]:
-    """The state records the probe prints (rec_state_msr), tagged with the stage harness/lifecycle.py adds."""
+    """The state records the probe prints (rec_state_msr), tagged with the stage harness/suite/lifecycle.py adds."""
     records = []
     for name, index, msr in layout(vendor):
         label = name if name in ("fixed_ctr_ctrl", "global_ctrl", "global_status") else f"{name}{index}"
@@ -212,7 +212,7 @@ def test_unknown_nmi_after_reset_fails():
 
 
 def test_step_mechanics_are_judged_without_a_pmu():
-    """lifecycle.<step>: the records of a TCG guest (no MSR state), as harness/lifecycle.py writes them."""
+    """lifecycle.<step>: the records of a TCG guest (no MSR state), as harness/suite/lifecycle.py writes them."""
     records = [enumeration("intel", "boot"), step("reset", same=False), enumeration("intel", "after"),
                {"probe": "lifecycle", "kind": "stale_lines", "lines": []}]  # fmt: skip
     v = lv.mechanics_verdict(records)
@@ -389,8 +389,8 @@ def test_side_by_side_rows():
 def test_lifecycle_modes_compile_without_warnings(tmp_path, vendor, mode):
     """The msr probe's life-cycle modes, rendered for an Intel and an AMD KVM guest, compile with -Werror (objects,
     so unused functions are seen too)."""
-    from harness.probe_params import lifecycle_params
-    from harness.probes import ProbeBuilder
+    from harness.probe.params import lifecycle_params
+    from harness.probe.runner import ProbeBuilder
 
     view = intel_kvm_guest_view() if vendor == "intel" else amd_kvm_guest_view()
     source = tmp_path / "msr.c"
@@ -407,8 +407,8 @@ def test_region_of_repeated_loops_counts_exactly(tmp_path):
     import re
     import shutil
 
-    from harness.probe_params import lifecycle_params
-    from harness.probes import ProbeBuilder
+    from harness.probe.params import lifecycle_params
+    from harness.probe.runner import ProbeBuilder
 
     if shutil.which("valgrind") is None:
         pytest.fail("valgrind is not installed (Debian package valgrind); scripts/install installs it")
@@ -438,9 +438,9 @@ def test_region_of_repeated_loops_counts_exactly(tmp_path):
 
 def test_save_waits_for_the_renamed_file_and_notices_qemu_exit(tmp_path):
     """The save command renames the file once cat has written all of it; QEMU's "completed" comes earlier
-    (harness.lifecycle._await_file)."""
-    from harness import lifecycle
+    (harness.suite.lifecycle._await_file)."""
     from harness.errors import LifecycleError
+    from harness.suite import lifecycle
 
     class Machine:
         def __init__(self, gone):

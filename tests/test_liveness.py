@@ -19,15 +19,15 @@ from typing import Any
 
 import pytest
 
-from harness import ssh
-from harness.console import ConsoleLog
 from harness.errors import ImageBuildError
-from harness.image import assemble_rootfs
+from harness.guest import ssh
+from harness.guest.console import ConsoleLog
+from harness.guest.image import assemble_rootfs
+from harness.guest.machine import PANIC_PATTERNS, QemuMachine, _first_match, console_evidence
+from harness.guest.qemu_argv import MachineConfig
+from harness.host.loads import HostLoad, LoadSpec
 from harness.lifetime import ProcessWatch, dies_with_parent, stopped_text, wait_readable
-from harness.loads import HostLoad, LoadSpec
-from harness.machine import PANIC_PATTERNS, QemuMachine, _first_match, console_evidence
-from harness.probes import guest_deadline_s
-from harness.qemu_argv import MachineConfig
+from harness.probe.runner import guest_deadline_s
 
 #: An oops the kernel survives (panic_on_oops=0), followed by a WARN splat: neither is a panic.
 OOPS_CONSOLE = """\
@@ -256,7 +256,7 @@ def test_quit_answered_but_slow_to_exit_warns(tmp_path, caplog):
     machine._proc = subprocess.Popen(["sleep", "30"])
     machine._watch = ProcessWatch(machine._proc)
     machine._qmp = _Monitor()  # type: ignore[assignment]
-    with caplog.at_level(logging.WARNING, logger="harness.machine"):
+    with caplog.at_level(logging.WARNING, logger="harness.guest.machine"):
         machine.shutdown(timeout_s=0.3)
     assert machine._proc.returncode == -signal.SIGKILL
     assert "answered 'quit' but had not exited" in caplog.text
@@ -275,7 +275,7 @@ class _Unkillable(subprocess.Popen):  # type: ignore[type-arg]
 
 
 def test_perf_that_survives_sigkill_is_recorded_not_raised(tmp_path, monkeypatch):
-    monkeypatch.setattr("harness.loads.STOP_TIMEOUT_S", 0.1)
+    monkeypatch.setattr("harness.host.loads.STOP_TIMEOUT_S", 0.1)
     load = HostLoad(LoadSpec("stuck", "d", ("perf", "stat", "-a")), tmp_path, [], [])
     (tmp_path / "stuck.out").write_text("")
     proc = _Unkillable(["sleep", "30"], start_new_session=True)

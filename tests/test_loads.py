@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import coexist
 from harness.errors import UsageError
-from harness.loads import IDLE, HostLoad, LoadSpec, load_loads, parse_events, precheck, select_loads
+from harness.host.loads import IDLE, HostLoad, LoadSpec, load_loads, parse_events, precheck, select_loads
+from harness.judge import coexist
 from harness.paths import REPO_ROOT
 from tests.helpers import child_processes
 
@@ -57,7 +57,7 @@ def fake_perf(tmp_path: Path, supported: set[str]) -> str:
         #!{sys.executable}
         import sys
         sys.path.insert(0, {str(REPO_ROOT)!r})
-        from harness.loads import parse_events
+        from harness.host.loads import parse_events
         args = sys.argv[1:]
         for event in parse_events(args[args.index("-e") + 1]):
             name = event.name

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from harness import mux_sweep
-from harness.loads import HostLoad, LoadSpec
-from harness.mux_sweep import JOURNAL_PREFIX, MUX_FILE, MuxGuard, MuxUnavailable, restore_stale
+from harness.host import mux_interval
+from harness.host.loads import HostLoad, LoadSpec
+from harness.host.mux_interval import JOURNAL_PREFIX, MUX_FILE, MuxGuard, MuxUnavailable, restore_stale
+from harness.judge import mux_curve
 from harness.paths import REPO_ROOT
-from harness.probes import ProbeError, ProbeRun
+from harness.probe.runner import ProbeError, ProbeRun
+from harness.suite import mux_sweep
 
 SW_LOAD = LoadSpec("sw", "software events", ("perf", "stat", "-a", "-x", ",", "-I", "100", "-e", "cpu-clock"),
                    mux_sweep=(1, 4, 16, 100))  # fmt: skip
@@ -101,9 +103,9 @@ def test_a_second_live_run_does_not_record_the_first_runs_value_as_original(tmp_
     other = subprocess.Popen(["sleep", "30"])
     try:
         jdir.mkdir()
-        start = mux_sweep.process_start(other.pid)
+        start = mux_interval.process_start(other.pid)
         (jdir / f"{JOURNAL_PREFIX}{other.pid}-{start}.json").write_text(json.dumps({
-            "pid": other.pid, "start": start, "boot_id": mux_sweep._boot_id(), "pmus_dir": str(root),
+            "pid": other.pid, "start": start, "boot_id": mux_interval._boot_id(), "pmus_dir": str(root),
             "originals": {"cpu": 4}, "written": [1]}))  # fmt: skip
         with pytest.raises(MuxUnavailable, match=f"another vpmu run \\(pid {other.pid}\\)"):
             MuxGuard(root, jdir).set(1)
@@ -119,7 +121,7 @@ CRASH = textwrap.dedent("""\
     import os, signal, sys
     sys.path.insert(0, {repo!r})
     from pathlib import Path
-    from harness.mux_sweep import MuxGuard
+    from harness.host.mux_interval import MuxGuard
     MuxGuard(Path(sys.argv[1]), Path(sys.argv[2])).set(1)
     os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind runs
     """)
@@ -151,7 +153,7 @@ def test_a_journal_of_another_user_is_never_replayed(tmp_path):
     root, jdir = sysfs(tmp_path, cpu=4), tmp_path / "journal"
     jdir.mkdir()
     forged = jdir / f"{JOURNAL_PREFIX}999999-1.json"
-    forged.write_text(json.dumps({"pid": 999999, "start": 1, "boot_id": mux_sweep._boot_id(), "pmus_dir": str(root),
+    forged.write_text(json.dumps({"pid": 999999, "start": 1, "boot_id": mux_interval._boot_id(), "pmus_dir": str(root),
                                   "originals": {"cpu": 999}, "written": [4]}))  # fmt: skip
     os.chown(forged, 65534, 65534)
     assert restore_stale(root, jdir) == [] and value(root) == 4 and forged.exists()
@@ -162,7 +164,7 @@ INTERRUPTED = textwrap.dedent("""\
     sys.path.insert(0, {repo!r})
     from pathlib import Path
     from harness.cli import _raise_on_sigterm
-    from harness.loads import HostLoad, LoadSpec
+    from harness.host.loads import HostLoad, LoadSpec
     signal.signal(signal.SIGTERM, _raise_on_sigterm)  # what python -m harness installs
     spec = LoadSpec("sw", "d", ("perf", "stat", "-a", "-x", ",", "-I", "100", "-e", "cpu-clock"), mux_sweep=(1, 4))
     load = HostLoad(spec, Path(sys.argv[3]), [os.getpid()], [0], mux_pmus_dir=Path(sys.argv[1]),
@@ -276,7 +278,7 @@ class FakeRun:
 
 @pytest.fixture
 def sweep_load(tmp_path, monkeypatch):
-    monkeypatch.setattr("harness.probes.ProbeRunner", FakeRunner)
+    monkeypatch.setattr("harness.probe.runner.ProbeRunner", FakeRunner)
     root = sysfs(tmp_path, cpu=4)
     load = HostLoad(SW_LOAD, tmp_path / "logs", [os.getpid()], [0], mux_pmus_dir=root,
                     mux_journal_dir=tmp_path / "journal")  # fmt: skip
@@ -300,10 +302,10 @@ def test_a_sweep_measures_each_setting_in_order_and_puts_the_original_back(sweep
     for point in sweep["points"]:
         assert 0.2 < point["window_s"] < 2.0 and set(point["stats"]) == {"exits", "irq_exits", "nmi_injections"}
         assert point["host_running_pct"] == 100.0  # software events never multiplex
-    rows = mux_sweep.curve(sweep)
+    rows = mux_curve.curve(sweep)
     assert rows[0]["rotations_per_s"] == 1000.0 and rows[-1]["rotations_per_s"] == 10.0
-    assert 0.8 < mux_sweep.slope(rows) < 1.2  # one exit per rotation, as the fake machine charges
-    assert 0.8 < mux_sweep.slope(rows, "irq_exits_per_s") < 1.2
+    assert 0.8 < mux_curve.slope(rows) < 1.2  # one exit per rotation, as the fake machine charges
+    assert 0.8 < mux_curve.slope(rows, "irq_exits_per_s") < 1.2
 
 
 def test_a_canary_that_fails_mid_sweep_stops_it_and_the_original_is_back(sweep_load):
@@ -333,4 +335,4 @@ def test_without_kvm_statistics_the_points_have_none(tmp_path, sweep_load):
 
     sweep = mux_sweep.measure(FakeRun(Tcg(root)), load, {"events": []}, window_s=0.05)
     assert all(p["stats"] == {} for p in sweep["points"]) and sweep["schemas"]["pmu_relevant"] == []
-    assert all(row.get("exits_per_s") is None for row in mux_sweep.curve(sweep))
+    assert all(row.get("exits_per_s") is None for row in mux_curve.curve(sweep))

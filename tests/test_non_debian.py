@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import hostpkg, image
 from harness.errors import ToolMissingError
+from harness.guest import image
+from harness.host import hostpkg
 from harness.paths import REPO_ROOT
 from tests.test_cli_inputs import path_without
 

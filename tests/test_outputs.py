@@ -21,9 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import cli, console, matrix, outputs, render, results
+from harness import cli, outputs
 from harness.errors import OutputError
+from harness.guest import console
 from harness.paths import REPO_ROOT
+from harness.report import matrix, render, results
 from tests.helpers import assert_one_line_error, mount_tmpfs, run_cli
 from tests.test_cli_inputs import fill
 
@@ -196,7 +198,7 @@ def run_pytest(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     suite = tmp_path / "suite"
     suite.mkdir(exist_ok=True)
     (suite / "test_trivial.py").write_text(TRIVIAL_SUITE)
-    return subprocess.run([sys.executable, "-m", "pytest", str(suite), "-p", "harness.pytest_plugin", "-p",
+    return subprocess.run([sys.executable, "-m", "pytest", str(suite), "-p", "harness.suite.pytest_plugin", "-p",
                            "no:cacheprovider", "--rootdir", str(suite), *args], capture_output=True, text=True,
                           cwd=suite, timeout=120, check=False)  # fmt: skip
 

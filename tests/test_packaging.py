@@ -59,7 +59,7 @@ def test_wheel_installs_and_runs_from_anywhere(tmp_path, guest_image):
         inside = "harness" if folder == "harness" else f"harness/{folder}"
         missing = {f"{inside}/{name}" for name in _data_files(REPO_ROOT / folder)} - names
         assert not missing, f"not in the wheel (pyproject.toml packages/package-data): {sorted(missing)}"
-    assert "harness/templates/matrix.html.j2" in names
+    assert "harness/report/templates/matrix.html.j2" in names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "[pytest11]" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

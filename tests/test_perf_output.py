@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from harness.perf_output import (
+from harness.host.perf_output import (
     PERF_FILE_MAGIC,
     SampleCounter,
     count_records,

@@ -14,12 +14,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness import coexist, hostfacts, plan, verdicts
-from harness.caps import decode_caps, decode_perf_capabilities
-from harness.cpuid_dump import load_cpuid_dump
-from harness.expectations import Context
-from harness.loads import IDLE, LoadSpec, load_loads
-from harness.profiles import load_profiles
+from harness.cpu.caps import decode_caps, decode_perf_capabilities
+from harness.cpu.cpuid_dump import load_cpuid_dump
+from harness.host import hostfacts
+from harness.host.loads import IDLE, LoadSpec, load_loads
+from harness.judge import coexist, enumeration, plan
+from harness.judge.expectations import Context
+from harness.suite.profiles import load_profiles
 from tests.helpers import CPUID_DIR, TEST_DATA, assert_one_line_error, run_cli
 from tests.test_verdicts import amd_kvm_guest_view, intel_kvm_guest_view, no_pmu_view
 
@@ -102,7 +103,7 @@ def test_unknown_expectation_name_is_a_one_line_error():
 
 
 def test_lbr_is_legacy_or_arch_as_the_lbr_checks_combine_them():
-    from harness.feature_verdicts import lbr_expectation
+    from harness.judge.lbr import lbr_expectation
 
     for profile in ("pmu-on", "intel-legacy-lbr", "intel-arch-lbr"):
         c = ctx(intel_kvm_host(), profile)
@@ -130,7 +131,7 @@ def test_intel_marker_wording_is_the_perf_capabilities_verdict_wording():
     view = amd_kvm_guest_view()
     pmu = plan.expectation("pmu", ctx(amd_kvm_host()))
     faults = plan.expectation("pmu_msrs_fault", ctx(amd_kvm_host()))
-    want = verdicts.perf_capabilities(pmu, faults, view).reason
+    want = enumeration.perf_capabilities(pmu, faults, view).reason
     assert plan.vendor_reason("intel", view.caps.vendor, "IA32_PERF_CAPABILITIES is Intel-only") == want
 
 
@@ -142,17 +143,17 @@ def test_pmu_absent_gate_is_the_pmu_msrs_fault_verdict_skip():
     c = ctx(host)
     pmu, faults = plan.expectation("pmu", c), plan.expectation("pmu_msrs_fault", c)
     assert pmu.available
-    verdict = verdicts.pmu_msrs_fault(pmu, faults, no_pmu_view())
+    verdict = enumeration.pmu_msrs_fault(pmu, faults, no_pmu_view())
     assert verdict.status == "skip" and plan.gate_reason(("pmu_absent", "pmu_msrs_fault"), c) == verdict.reason
     ignoring = ctx(intel_kvm_host(kvm={**host["kvm"], "ignore_msrs": "Y"}), "pmu-off")
     pmu, faults = plan.expectation("pmu", ignoring), plan.expectation("pmu_msrs_fault", ignoring)
-    verdict = verdicts.pmu_msrs_fault(pmu, faults, no_pmu_view())
+    verdict = enumeration.pmu_msrs_fault(pmu, faults, no_pmu_view())
     assert verdict.status == "skip" and plan.gate_reason(("pmu_absent", "pmu_msrs_fault"), ignoring) == verdict.reason
 
 
 def _guest_within_host(c: Context, view):
-    """verdicts.guest_within_host as guest_tests/test_enumeration.py calls it."""
-    return verdicts.guest_within_host(c.accel, plan.expectation("pmu", c), view, c.host["cpu"].get("caps"),
+    """enumeration.guest_within_host as guest_tests/test_enumeration.py calls it."""
+    return enumeration.guest_within_host(c.accel, plan.expectation("pmu", c), view, c.host["cpu"].get("caps"),
                                       kvm_offer=c.host.get("kvm_offer"), vpmu_mode=c.host.get("vpmu_mode"))  # fmt: skip
 
 
@@ -413,7 +414,7 @@ def test_mediated_host_with_the_nmi_watchdog_cannot_run_any_kvm_profile(tmp_path
 
 def test_offer_overrides_are_named_on_the_checks_they_change():
     """A backport: KVM offers fixed counter 3 and PERF_METRICS where kvm_features.toml says upstream does not."""
-    from harness.profiles import Profile
+    from harness.cpu.profile import Profile
 
     facts = json.loads((HOSTS_DIR / "spr-mediated.json").read_text())
     perfmon = facts["kvm_offer"]["pmu"]["arch_perfmon"]
@@ -425,6 +426,6 @@ def test_offer_overrides_are_named_on_the_checks_they_change():
     assert plan.gate_reason(("topdown",), c) is None
     notes = plan.gate_notes(("topdown",), c)
     assert len(notes) == 1 and notes[0].startswith("topdown: the KVM offer shows it") and "the offer wins" in notes[0]
-    from harness.expectations import host_offer_notes
+    from harness.judge.expectations import host_offer_notes
 
     assert any(n.startswith("topdown:") for n in host_offer_notes(facts))

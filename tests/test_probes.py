@@ -10,10 +10,10 @@ from dataclasses import replace
 
 import pytest
 
-from harness.guest import Guest, boot_guest
-from harness.hostfacts import read_cpuid_instruction
-from harness.probes import PROBES_DIR, ProbeBuilder, ProbeError, ProbeRunner, parse_records
-from harness.qemu_argv import MachineConfig
+from harness.guest.boot import Guest, boot_guest
+from harness.guest.qemu_argv import MachineConfig
+from harness.host.hostfacts import read_cpuid_instruction
+from harness.probe.runner import PROBES_DIR, ProbeBuilder, ProbeError, ProbeRunner, parse_records
 
 
 def test_records_parse():
@@ -135,7 +135,7 @@ def test_probe_is_copied_once_per_guest(guest, tmp_path):
 def test_every_probe_compiles_without_warnings(tmp_path):
     """Each shipped template, rendered with representative parameters, compiles with -Werror (a warning in a probe
     is usually a measurement bug: an unused result, a truncated constant)."""
-    from harness import probe_params as pp
+    from harness.probe import params as pp
     from tests.test_verdicts import amd_kvm_guest_view, intel_kvm_guest_view
 
     intel, amd = intel_kvm_guest_view(), amd_kvm_guest_view()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from harness.errors import UsageError
-from harness.profiles import DEFAULT_PROFILES_FILE, load_profiles, select_profile
+from harness.suite.profiles import DEFAULT_PROFILES_FILE, load_profiles, select_profile
 from tests.helpers import assert_one_line_error, run_cli
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.image import Image
-from harness.qemu_argv import BASE_CMDLINE, MachineConfig, build_argv, quote_optarg
+from harness.guest.image import Image
+from harness.guest.qemu_argv import BASE_CMDLINE, MachineConfig, build_argv, quote_optarg
 
 
 def fake_image(tmp_path: Path) -> Image:

@@ -17,15 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from harness import coexist, plan, results
-from harness.branch_map import BranchMap, BranchSite
 from harness.errors import UsageError
-from harness.guest_view import ENUM_MSRS
-from harness.loads import IDLE, LoadResult, load_loads
+from harness.host.loads import IDLE, LoadResult, load_loads
+from harness.judge import coexist, plan
 from harness.paths import GUEST_TESTS_DIR, REPO_ROOT
-from harness.profile_run import branch_map_json
-from harness.replay import SCHEMA_1_GAP, RecordingLoad, ReplayGap, ReplayRun, load_spec_json, profile_json
-from harness.workloads import LOOP
+from harness.probe.branch_map import BranchMap, BranchSite
+from harness.probe.guest_view import ENUM_MSRS
+from harness.probe.workloads import LOOP
+from harness.report import results
+from harness.suite.profile_run import branch_map_json
+from harness.suite.replay import SCHEMA_1_GAP, RecordingLoad, ReplayGap, ReplayRun, load_spec_json, profile_json
 from tests.helpers import assert_one_line_error, run_cli
 from tests.test_plan import HOST_FILES, PROFILES, amd_kvm_host, intel_kvm_host, run_plan
 from tests.test_verdicts import count, gp_group, kvm_guest_table

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from harness import diff, matrix, render, results
+from harness.report import diff, matrix, render, results
 from tests.helpers import assert_one_line_error, chromium_render, run_cli
 
 

@@ -1,4 +1,4 @@
-"""The semantics probe's verdicts (harness/semantics_verdicts.py) over records in its exact output format, built as
+"""The semantics probe's verdicts (harness/judge/semantics.py) over records in its exact output format, built as
 a healthy Intel or AMD KVM guest would print them, and the probe's counted window checked with callgrind.
 
 Record factories are checked against the keys guest_tests/probes/semantics.c.j2 prints, so they cannot drift.
@@ -14,11 +14,11 @@ from dataclasses import replace
 
 import pytest
 
-from harness import semantics_verdicts as sv
-from harness.expectations import Expectation
-from harness.probe_params import SEMANTICS_OVERFLOW_ITERATIONS, semantics_params
-from harness.probes import PROBES_DIR, ProbeBuilder
-from harness.workloads import CPUID_LOOP, FEP_LOOP, LOOP, RANDOM_BRANCHES
+from harness.judge import semantics as sv
+from harness.judge.expectations import Expectation
+from harness.probe.params import SEMANTICS_OVERFLOW_ITERATIONS, semantics_params
+from harness.probe.runner import PROBES_DIR, ProbeBuilder
+from harness.probe.workloads import CPUID_LOOP, FEP_LOOP, LOOP, RANDOM_BRANCHES
 from tests.test_verdicts import (
     ABSENT,
     EXPECTED,
@@ -102,7 +102,7 @@ def member(counter: str, event: str, value: int, value_0: int = 0, tsc: int = 50
             **windows(**window)}  # fmt: skip
 
 
-#: What a healthy N = 1e6 window gives for each event (verdicts.event_bounds): exact for instructions/branches.
+#: What a healthy N = 1e6 window gives for each event (bounds.event_bounds): exact for instructions/branches.
 HEALTHY = {"core_cycles": 3_000_000, "instructions": LOOP.delta_instructions(1_000_000),
            "ref_cycles": 2_500_000, "llc_references": 1_000_000, "llc_misses": 990_000,
            "branch_instructions": LOOP.delta_branches(1_000_000), "branch_misses": 12,

@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from harness import matrix, render, results, skip_summary
+from harness.report import matrix, render, results, skip_summary
 from tests.test_reports import check, document
 
 TCG = "accel: no vPMU under TCG (QEMU fills the PMU CPUID leaves only from KVM)"

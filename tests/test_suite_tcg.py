@@ -15,8 +15,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from harness import results
-from harness.qemu_cpu import probe_cpu_caps
+from harness.guest.qemu_cpu import probe_cpu_caps
+from harness.report import results
 from tests.helpers import assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.integration

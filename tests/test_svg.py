@@ -8,7 +8,7 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import asdict
 
-from harness import matrix, render, results, svg
+from harness.report import matrix, render, results, svg
 from tests.helpers import chromium_render
 from tests.test_coexist_depth import ANOMALOUS_CURVE, FLAT_CURVE, PERF_BASED_CURVE, mux_cost, sweep
 
@@ -16,7 +16,7 @@ NS = {"s": "http://www.w3.org/2000/svg"}
 
 
 def mux_check(curve) -> dict:
-    """A coexist.mux_cost check as results.json keeps it: the verdict harness.coexist_depth.mux_cost gives."""
+    """A coexist.mux_cost check as results.json keeps it: the verdict harness.judge.coexist_depth.mux_cost gives."""
     verdict = mux_cost(sweep(curve))
     return {"id": "coexist.mux_cost", "feature": "coexistence", "status": verdict.status, "reason": verdict.reason,
             "expected": verdict.expected, "observed": verdict.observed, "duration_s": 12.3,
@@ -50,7 +50,7 @@ def test_the_chart_is_wellformed_svg_with_a_point_per_setting_and_series():
     assert "1 ms: 1,150.0 exits/s" in titles and "100 ms: 80.0 irq exits/s" in titles
     assert "1 ms: count error +0.0000 % (canary pass)" in titles
     texts = [t.text for t in root.findall(".//s:text", NS)]
-    # one exit per rotation is inherent: reported, not flagged (harness.coexist_depth FLAG_EXITS_PER_ROTATION)
+    # one exit per rotation is inherent: reported, not flagged (harness.judge.coexist_depth FLAG_EXITS_PER_ROTATION)
     assert "slope 1.00 exits per rotation/s (flag above 1.5)" in texts
     flagged = [t.text for t in chart(ANOMALOUS_CURVE).findall(".//s:text", NS)]
     assert any(t.startswith("FLAGGED: slope 2.00 exits per rotation/s") for t in flagged)

@@ -15,20 +15,22 @@ from dataclasses import replace
 
 import pytest
 
-from harness import verdicts
-from harness.caps import decode_caps
-from harness.cpuid_dump import CpuidTable, Regs, load_cpuid_dump
-from harness.expectations import Expectation
-from harness.guest_view import GuestView, MsrRead
-from harness.probes import PROBES_DIR
-from harness.workloads import LOOP
+from harness.cpu.caps import decode_caps
+from harness.cpu.cpuid_dump import CpuidTable, Regs, load_cpuid_dump
+from harness.judge import arch_counters, bounds, enumeration
+from harness.judge.expectations import Expectation
+from harness.probe.events import FIXED_INDEX_BIT
+from harness.probe.guest_view import NO_PMU_FAULTING_MSRS, GuestView, MsrRead
+from harness.probe.host_watchdog import HELD_BACK_WATCHDOG
+from harness.probe.runner import PROBES_DIR
+from harness.probe.workloads import LOOP
 from tests.helpers import CPUID_DIR
 
 N = 1_000_000
 INSNS = LOOP.delta_instructions(N)
 EXPECTED = Expectation("arch_perfmon", True, "expected: Intel architectural PMU", {"version": 2, "gp_counters": 8})
 ABSENT = Expectation("arch_perfmon", False, "accel: no vPMU under TCG (...)")
-FIXED = verdicts.FIXED_INDEX_BIT
+FIXED = FIXED_INDEX_BIT
 
 
 def kvm_guest_table(dump: str) -> CpuidTable:
@@ -94,7 +96,7 @@ def count(
     no interrupt, fault or context switch around either window unless given (rec_windows() in _common.h.j2)."""
     value = value_0 + delta if value_n is None else value_n
     return {"probe": "counters", "kind": "count", "set": set_name, "event": event, "config": 0xC0, "copies": copies,
-            "held_back": held_back, "held_back_for": verdicts.HELD_BACK_WATCHDOG if held_back else "",
+            "held_back": held_back, "held_back_for": HELD_BACK_WATCHDOG if held_back else "",
             "member": member, "iterations": N, "rdpmc_index": index, "value_n": value, "value_0": value_0,
             "enabled_n": 1000, "running_n": running, "enabled_0": 900, "running_0": 900,
             "rdpmc_n": value + 40 + 90 * member, "rdpmc_signal": 0, "read_before_rdpmc": value + 20 + 90 * member,
@@ -140,7 +142,7 @@ def test_factories_emit_the_probe_keys():
 
 
 def test_instructions_exact_on_every_gp_counter_passes():
-    v = verdicts.gp_event(EXPECTED, intel_kvm_guest_view(), gp_group("instructions", INSNS), "instructions")
+    v = arch_counters.gp_event(EXPECTED, intel_kvm_guest_view(), gp_group("instructions", INSNS), "instructions")
     assert v.status == "pass", v.reason
     assert v.observed == {**{f"gp{i}": INSNS for i in range(8)}, "fixed0": INSNS}
 
@@ -148,15 +150,15 @@ def test_instructions_exact_on_every_gp_counter_passes():
 def test_instructions_off_by_one_fails_naming_the_counter():
     records = gp_group("instructions", INSNS)
     records[3] = count("instructions", 3, 3, INSNS + 1)
-    v = verdicts.gp_event(EXPECTED, intel_kvm_guest_view(), records, "instructions")
+    v = arch_counters.gp_event(EXPECTED, intel_kvm_guest_view(), records, "instructions")
     assert v.status == "fail" and "GP3" in v.reason and "10,000,001" in v.reason
 
 
 def test_branches_exact():
     view = intel_kvm_guest_view()
-    assert verdicts.gp_event(EXPECTED, view, gp_group("branch_instructions", N, fixed_index=None),
+    assert arch_counters.gp_event(EXPECTED, view, gp_group("branch_instructions", N, fixed_index=None),
                              "branch_instructions").status == "pass"  # fmt: skip
-    assert verdicts.gp_event(EXPECTED, view, gp_group("branch_instructions", N - 1, fixed_index=None),
+    assert arch_counters.gp_event(EXPECTED, view, gp_group("branch_instructions", N - 1, fixed_index=None),
                              "branch_instructions").status == "fail"  # fmt: skip
 
 
@@ -164,17 +166,17 @@ def test_branches_exact():
 def test_cycles_range(value, status):
     # kvm-unit-tests x86/pmu.c: cycles in [N, 50N]
     records = gp_group("core_cycles", 0, fixed_index=1, value_n=value)
-    assert verdicts.gp_event(EXPECTED, intel_kvm_guest_view(), records, "core_cycles").status == status
+    assert arch_counters.gp_event(EXPECTED, intel_kvm_guest_view(), records, "core_cycles").status == status
 
 
 def test_missing_gp_member_fails():
     records = [r for r in gp_group("instructions", INSNS) if r["rdpmc_index"] != 5]
-    v = verdicts.gp_event(EXPECTED, intel_kvm_guest_view(), records, "instructions")
+    v = arch_counters.gp_event(EXPECTED, intel_kvm_guest_view(), records, "instructions")
     assert v.status == "fail" and "GP5: no group member landed" in v.reason
 
 
 def test_guest_visible_multiplexing_fails():
-    v = verdicts.gp_event(EXPECTED, intel_kvm_guest_view(), gp_group("instructions", INSNS, running=500),
+    v = arch_counters.gp_event(EXPECTED, intel_kvm_guest_view(), gp_group("instructions", INSNS, running=500),
                           "instructions")  # fmt: skip
     assert v.status == "fail" and "multiplexing" in v.reason
 
@@ -185,40 +187,44 @@ def open_error(event: str) -> dict:
 
 
 def test_errno_is_a_fail_when_the_pmu_is_promised():
-    v = verdicts.gp_event(EXPECTED, intel_kvm_guest_view(), [open_error("instructions")], "instructions")
+    v = arch_counters.gp_event(EXPECTED, intel_kvm_guest_view(), [open_error("instructions")], "instructions")
     assert v.status == "fail" and "ENOENT" in v.reason
 
 
 def test_errno_is_a_skip_when_no_pmu_is_expected():
-    v = verdicts.gp_event(ABSENT, no_pmu_view(), [open_error("instructions")], "instructions")
+    v = arch_counters.gp_event(ABSENT, no_pmu_view(), [open_error("instructions")], "instructions")
     assert v.status == "skip" and v.reason == ABSENT.reason
 
 
 def test_promised_but_not_enumerated_fails():
-    v = verdicts.gp_event(EXPECTED, no_pmu_view(), [open_error("instructions")], "instructions")
+    v = arch_counters.gp_event(EXPECTED, no_pmu_view(), [open_error("instructions")], "instructions")
     assert v.status == "fail" and "promised" in v.reason
 
 
 def test_missing_records_are_an_error():
-    assert verdicts.gp_event(EXPECTED, intel_kvm_guest_view(), [], "instructions").status == "error"
+    assert arch_counters.gp_event(EXPECTED, intel_kvm_guest_view(), [], "instructions").status == "error"
 
 
 def test_amd_accepts_overcount_but_not_undercount():
     view = amd_kvm_guest_view()
     amd = replace(EXPECTED, feature="amd_core_pmu")
-    ok = verdicts.gp_event(amd, view, gp_group("instructions", INSNS + 5, counters=6, fixed_index=None), "instructions")
+    ok = arch_counters.gp_event(
+        amd, view, gp_group("instructions", INSNS + 5, counters=6, fixed_index=None), "instructions"
+    )
     # up to AMD_ZERO_WINDOW_EXITS below: VMRUNs of host-invisible exits counted in the 0 window
-    edge = verdicts.gp_event(amd, view, gp_group("instructions", INSNS - verdicts.AMD_ZERO_WINDOW_EXITS, counters=6,
-                                                 fixed_index=None), "instructions")  # fmt: skip
-    low = verdicts.gp_event(amd, view, gp_group("instructions", INSNS - verdicts.AMD_ZERO_WINDOW_EXITS - 1, counters=6,
-                                                fixed_index=None), "instructions")  # fmt: skip
+    edge = arch_counters.gp_event(amd, view, gp_group("instructions", INSNS - bounds.AMD_ZERO_WINDOW_EXITS,
+                                                      counters=6, fixed_index=None), "instructions")  # fmt: skip
+    low = arch_counters.gp_event(amd, view, gp_group("instructions", INSNS - bounds.AMD_ZERO_WINDOW_EXITS - 1,
+                                                     counters=6, fixed_index=None), "instructions")  # fmt: skip
     assert (ok.status, edge.status, low.status) == ("pass", "pass", "fail")
 
 
 def test_atom_errata_relaxes_exactness():
     records = gp_group("instructions", INSNS + 3)
-    assert verdicts.gp_event(EXPECTED, intel_kvm_guest_view(), records, "instructions", errata=True).status == "pass"
-    assert verdicts.gp_event(EXPECTED, intel_kvm_guest_view(), records, "instructions").status == "fail"
+    assert (
+        arch_counters.gp_event(EXPECTED, intel_kvm_guest_view(), records, "instructions", errata=True).status == "pass"
+    )
+    assert arch_counters.gp_event(EXPECTED, intel_kvm_guest_view(), records, "instructions").status == "fail"
 
 
 def model_view(model: int) -> GuestView:
@@ -229,42 +235,42 @@ def model_view(model: int) -> GuestView:
 def test_clearwater_forest_overcounts_instructions_only():
     """kvm-unit-tests lib/x86/pmu.c pmu_detect_intel_overcount_errata() (commit 3ffdf39c) and KVM selftests
     get_pmu_errata(): 0xDD sets only instructions_retired_overcount; 0xAF/0x4D/0x5F/0x86 set both."""
-    cwf = verdicts.overcount_errata(model_view(0xDD).caps)
-    assert cwf == verdicts.OvercountErrata(instructions=True, branches=False)
+    cwf = bounds.overcount_errata(model_view(0xDD).caps)
+    assert cwf == bounds.OvercountErrata(instructions=True, branches=False)
     for model in (0xAF, 0x4D, 0x5F, 0x86):
-        assert verdicts.overcount_errata(model_view(model).caps) == verdicts.OvercountErrata(True, True)
-    assert verdicts.overcount_errata(intel_kvm_guest_view().caps) == verdicts.NO_ERRATA
-    assert verdicts.overcount_errata(amd_kvm_guest_view().caps) == verdicts.NO_ERRATA
+        assert bounds.overcount_errata(model_view(model).caps) == bounds.OvercountErrata(True, True)
+    assert bounds.overcount_errata(intel_kvm_guest_view().caps) == bounds.NO_ERRATA
+    assert bounds.overcount_errata(amd_kvm_guest_view().caps) == bounds.NO_ERRATA
     view = model_view(0xDD)
     over_insns = gp_group("instructions", INSNS + 3)
     over_branches = gp_group("branch_instructions", N + 3, fixed_index=None)
-    assert verdicts.gp_event(EXPECTED, view, over_insns, "instructions", cwf).status == "pass"
-    v = verdicts.gp_event(EXPECTED, view, over_branches, "branch_instructions", cwf)
+    assert arch_counters.gp_event(EXPECTED, view, over_insns, "instructions", cwf).status == "pass"
+    v = arch_counters.gp_event(EXPECTED, view, over_branches, "branch_instructions", cwf)
     assert v.status == "fail" and "exact: one jnz per iteration" in v.reason
 
 
 def test_errata_follow_the_host_silicon_under_a_named_cpu_model():
     """An erratum is the hardware's: a SapphireRapids-model guest on a Sierra Forest host still overcounts."""
     host_caps = {"vendor": "GenuineIntel", "family": 6, "model": 0xAF}
-    assert verdicts.overcount_errata(intel_kvm_guest_view().caps, host_caps) == verdicts.OvercountErrata(True, True)
+    assert bounds.overcount_errata(intel_kvm_guest_view().caps, host_caps) == bounds.OvercountErrata(True, True)
 
 
 def test_exact_global_ctrl_splits_the_errata():
     record = {"probe": "msr", "kind": "enabled", "iterations": N, "instructions_n": 5003 + INSNS,
               "instructions_0": 5000, "branches_n": 301 + N, "branches_0": 300, "fixed0_n": 5002 + INSNS,
               "fixed0_0": 5000, "global_ctrl": 1, **windows()}  # fmt: skip
-    cwf = verdicts.OvercountErrata(instructions=True)
-    v = verdicts.exact_global_ctrl(EXPECTED, model_view(0xDD), [record], cwf)
+    cwf = bounds.OvercountErrata(instructions=True)
+    v = arch_counters.exact_global_ctrl(EXPECTED, model_view(0xDD), [record], cwf)
     assert v.status == "fail" and "PMC1" in v.reason and "PMC0" not in v.reason and "FIXED_CTR0" not in v.reason
-    both = verdicts.OvercountErrata(True, True)
-    assert verdicts.exact_global_ctrl(EXPECTED, model_view(0xAF), [record], both).status == "pass"
+    both = bounds.OvercountErrata(True, True)
+    assert arch_counters.exact_global_ctrl(EXPECTED, model_view(0xAF), [record], both).status == "pass"
 
 
 def test_fixed_counter_0_uses_the_instructions_erratum_only():
     record = count("fixed0", 0, FIXED | 0, INSNS + 2, set_name="fixed")
-    cwf = verdicts.OvercountErrata(instructions=True)
-    assert verdicts.fixed_counter(EXPECTED, model_view(0xDD), [record], 0, cwf).status == "pass"
-    assert verdicts.fixed_counter(EXPECTED, model_view(0xDD), [record], 0).status == "fail"
+    cwf = bounds.OvercountErrata(instructions=True)
+    assert arch_counters.fixed_counter(EXPECTED, model_view(0xDD), [record], 0, cwf).status == "pass"
+    assert arch_counters.fixed_counter(EXPECTED, model_view(0xDD), [record], 0).status == "fail"
 
 
 def test_no_user_page_index_judges_values_without_placement():
@@ -272,10 +278,10 @@ def test_no_user_page_index_judges_values_without_placement():
     records = gp_group("instructions", INSNS)
     for r in records:
         r["rdpmc_index"] = -1
-    v = verdicts.gp_event(EXPECTED, intel_kvm_guest_view(), records, "instructions")
+    v = arch_counters.gp_event(EXPECTED, intel_kvm_guest_view(), records, "instructions")
     assert v.status == "pass" and "placement unknown" in v.reason
     records[4]["value_n"] += 1
-    assert verdicts.gp_event(EXPECTED, intel_kvm_guest_view(), records, "instructions").status == "fail"
+    assert arch_counters.gp_event(EXPECTED, intel_kvm_guest_view(), records, "instructions").status == "fail"
 
 
 def test_ref_cycles_on_fixed_counter_2_leaves_one_gp_counter_unmeasured():
@@ -285,14 +291,14 @@ def test_ref_cycles_on_fixed_counter_2_leaves_one_gp_counter_unmeasured():
     view = intel_kvm_guest_view()
     tsc = dict(value_n=900_000, tsc=1_000_000, copies=8)
     records = [count("ref_cycles", i, i, 0, **tsc) for i in range(7)] + [count("ref_cycles", 7, FIXED | 2, 0, **tsc)]
-    v = verdicts.gp_event(EXPECTED, view, records, "ref_cycles")
+    v = arch_counters.gp_event(EXPECTED, view, records, "ref_cycles")
     assert v.status == "pass", v.reason
     assert "7 of 8 GP counters and fixed counter 2" in v.reason
     assert "GP7 not measured: a copy landed on fixed counter 2" in v.reason
     assert v.observed["fixed2"] == 900_000
     # the member on the fixed counter is judged like the others
     records[7] = count("ref_cycles", 7, FIXED | 2, 0, value_n=2_000_000, tsc=1_000_000, copies=8)
-    v = verdicts.gp_event(EXPECTED, view, records, "ref_cycles")
+    v = arch_counters.gp_event(EXPECTED, view, records, "ref_cycles")
     assert v.status == "fail" and "fixed 2: ref-cycles 2,000,000" in v.reason
 
 
@@ -300,7 +306,7 @@ def test_a_member_on_another_events_fixed_counter_fails():
     view = intel_kvm_guest_view()
     records = [count("ref_cycles", i, i, 0, value_n=900_000, tsc=1_000_000, copies=8) for i in range(7)]
     records.append(count("ref_cycles", 7, FIXED | 1, 0, value_n=900_000, tsc=1_000_000, copies=8))
-    v = verdicts.gp_event(EXPECTED, view, records, "ref_cycles")
+    v = arch_counters.gp_event(EXPECTED, view, records, "ref_cycles")
     assert v.status == "fail" and "member 7: on fixed counter 1, which does not count ref_cycles" in v.reason
 
 
@@ -308,7 +314,7 @@ def test_fixed_counter_copy_with_an_extra_copy_must_still_cover_every_gp_counter
     """instructions gets gp_counters + 1 copies, so a copy on fixed counter 0 excuses no GP counter."""
     records = [r for r in gp_group("instructions", INSNS) if r["rdpmc_index"] != 6]
     records.append(count("instructions", 6, 5, INSNS))  # two members on GP5, none on GP6
-    v = verdicts.gp_event(EXPECTED, intel_kvm_guest_view(), records, "instructions")
+    v = arch_counters.gp_event(EXPECTED, intel_kvm_guest_view(), records, "instructions")
     assert v.status == "fail" and "GP5: members 5 and 6 both on it" in v.reason and "GP6: no group member" in v.reason
 
 
@@ -319,19 +325,19 @@ def test_held_back_copy_for_the_host_watchdog_is_accepted_and_named():
     amd = replace(EXPECTED, feature="amd_core_pmu")
     host = {"vpmu_mode": "perf-based", "sysctls": {"kernel.nmi_watchdog": "1"}}
     records = [count("instructions", i, i, INSNS, copies=5, held_back=1) for i in range(5)]
-    v = verdicts.gp_event(amd, view, records, "instructions", host=host)
+    v = arch_counters.gp_event(amd, view, records, "instructions", host=host)
     assert v.status == "pass", v.reason
     assert "GP5 not measured: host: nmi_watchdog=1 takes a host counter" in v.reason
     assert "echo 0 > /proc/sys/kernel/nmi_watchdog" in v.reason
     unexplained = [count("instructions", i, i, INSNS, copies=5) for i in range(5)]
-    assert verdicts.gp_event(amd, view, unexplained, "instructions").status == "fail"
+    assert arch_counters.gp_event(amd, view, unexplained, "instructions").status == "fail"
 
 
 def test_watchdog_decides_which_groups_hold_a_copy_back():
     """Intel: the watchdog's cycles event sits on host FC1, so only the cycles group that also uses guest FC1
     (gp + 1 copies) runs short; AMD: every group using all core counters. Mediated: nothing (the host counters are
     switched out at VM-entry, and the watchdog blocks a mediated vCPU altogether)."""
-    from harness.probe_params import counters_params
+    from harness.probe.params import counters_params
 
     watchdog = {"vpmu_mode": "perf-based", "sysctls": {"kernel.nmi_watchdog": "1"}}
 
@@ -356,17 +362,17 @@ def test_watchdog_decides_which_groups_hold_a_copy_back():
 
 def test_fixed_counter_on_its_fixed_counter_passes():
     record = count("fixed0", 0, FIXED | 0, INSNS, set_name="fixed")
-    assert verdicts.fixed_counter(EXPECTED, intel_kvm_guest_view(), [record], 0).status == "pass"
+    assert arch_counters.fixed_counter(EXPECTED, intel_kvm_guest_view(), [record], 0).status == "pass"
 
 
 def test_fixed_event_on_a_gp_counter_fails():
     record = count("fixed0", 0, 2, INSNS, set_name="fixed")
-    v = verdicts.fixed_counter(EXPECTED, intel_kvm_guest_view(), [record], 0)
+    v = arch_counters.fixed_counter(EXPECTED, intel_kvm_guest_view(), [record], 0)
     assert v.status == "fail" and "landed on RDPMC index 0x2" in v.reason
 
 
 def test_fixed_counter_3_not_enumerated_by_kvm_skips():
-    v = verdicts.fixed_counter(EXPECTED, intel_kvm_guest_view(), [], 3)
+    v = arch_counters.fixed_counter(EXPECTED, intel_kvm_guest_view(), [], 3)
     assert v.status == "skip" and v.reason.startswith("not-enumerated: fixed counter 3")
 
 
@@ -374,8 +380,8 @@ def test_ref_cycles_bounded_by_tsc():
     good = count("fixed2", 0, FIXED | 2, 0, set_name="fixed", value_n=900_000, tsc=1_000_000)
     bad = count("fixed2", 0, FIXED | 2, 0, set_name="fixed", value_n=1_100_000, tsc=1_000_000)
     view = intel_kvm_guest_view()
-    assert verdicts.fixed_counter(EXPECTED, view, [good], 2).status == "pass"
-    assert verdicts.fixed_counter(EXPECTED, view, [bad], 2).status == "fail"
+    assert arch_counters.fixed_counter(EXPECTED, view, [good], 2).status == "pass"
+    assert arch_counters.fixed_counter(EXPECTED, view, [bad], 2).status == "fail"
 
 
 # --- MSR-level checks ----------------------------------------------------------------------------------------
@@ -394,14 +400,14 @@ def test_legacy_write_sign_extends_bit_31():
     # SDM Vol. 3B: a write to IA32_PMCx sign-extends bits 31:0 to the counter width (48 here).
     good = [width_record("width_legacy", 0x89ABCDEF12, 0xFFFFABCDEF12),
             width_record("width_full_over", 0xFFFFFF0123456789, err=errno.EIO)]  # fmt: skip
-    assert verdicts.counter_width(EXPECTED, intel_kvm_guest_view(), good).status == "pass"
+    assert arch_counters.counter_width(EXPECTED, intel_kvm_guest_view(), good).status == "pass"
     bad = [width_record("width_legacy", 0x89ABCDEF12, 0xABCDEF12)]
-    assert verdicts.counter_width(EXPECTED, intel_kvm_guest_view(), bad).status == "fail"
+    assert arch_counters.counter_width(EXPECTED, intel_kvm_guest_view(), bad).status == "fail"
 
 
 def test_full_width_write_above_width_must_fault():
     records = [width_record("width_full_over", 0xFFFFFF0123456789, 0x0123456789)]
-    v = verdicts.counter_width(EXPECTED, intel_kvm_guest_view(), records)
+    v = arch_counters.counter_width(EXPECTED, intel_kvm_guest_view(), records)
     assert v.status == "fail" and "must #GP" in v.reason
 
 
@@ -423,19 +429,19 @@ def test_msr_bounds_is_gated_on_ignore_msrs():
     MSRs beyond the counters read as 0 on a healthy host; gate like enum.pmu_msrs_fault."""
     view = intel_kvm_guest_view()
     zeros = [bounds_record(0xC9, 0), bounds_record(0x18E, 0)]
-    v = verdicts.msr_bounds(EXPECTED, view, zeros, IGNORE_MSRS)
+    v = arch_counters.msr_bounds(EXPECTED, view, zeros, IGNORE_MSRS)
     assert v.status == "skip" and v.reason == IGNORE_MSRS.reason
     faults = Expectation("pmu_msrs_fault", True, "expected")
-    assert verdicts.msr_bounds(EXPECTED, view, zeros, faults).status == "fail"
+    assert arch_counters.msr_bounds(EXPECTED, view, zeros, faults).status == "fail"
     gp = [bounds_record(0xC9), bounds_record(0x18E)]
-    assert verdicts.msr_bounds(EXPECTED, view, gp, faults).status == "pass"
+    assert arch_counters.msr_bounds(EXPECTED, view, gp, faults).status == "pass"
 
 
 def test_msr_bounds_probe_never_reads_an_msr_kvm_answers_without_a_pmu():
     """Regression: on a legacy AMD guest (no PerfCtrExtCore) SEL(4) = 0xC0010004 is PerfCtr0 itself, readable: a
     false FAIL. The probe reads the PerfCtrExtCore pair instead, which KVM #GPs without that CPUID bit."""
-    from harness.probe_params import msr_params
-    from harness.probes import ProbeBuilder
+    from harness.probe.params import msr_params
+    from harness.probe.runner import ProbeBuilder
 
     view = amd_kvm_guest_view()
     legacy = replace(view, caps=replace(view.caps, amd=replace(view.caps.amd, perfctr_core=False, perfmon_v2=False,
@@ -451,9 +457,9 @@ def test_disabled_counters():
     counters = [{"probe": "counters", "kind": "disabled", "value": 0, "enabled": 0, "running": 0}]
     msr = [{"probe": "msr", "kind": "disabled_sel", "instructions": 0, "branches": 0, "fixed0": 0},
            {"probe": "msr", "kind": "disabled_global", "instructions": 0, "branches": 0, "fixed0": 0}]  # fmt: skip
-    assert verdicts.disabled_no_count(EXPECTED, intel_kvm_guest_view(), counters, msr).status == "pass"
+    assert arch_counters.disabled_no_count(EXPECTED, intel_kvm_guest_view(), counters, msr).status == "pass"
     msr[1]["instructions"] = 5
-    v = verdicts.disabled_no_count(EXPECTED, intel_kvm_guest_view(), counters, msr)
+    v = arch_counters.disabled_no_count(EXPECTED, intel_kvm_guest_view(), counters, msr)
     assert v.status == "fail" and "GLOBAL_CTRL bit clear" in v.reason
 
 
@@ -472,10 +478,10 @@ def rdpmc_records(
 
 def test_rdpmc_checks():
     view = intel_kvm_guest_view()
-    assert verdicts.rdpmc(EXPECTED, view, *rdpmc_records()).status == "pass"
-    v = verdicts.rdpmc(EXPECTED, view, *rdpmc_records(mismatch=True))
+    assert arch_counters.rdpmc(EXPECTED, view, *rdpmc_records()).status == "pass"
+    v = arch_counters.rdpmc(EXPECTED, view, *rdpmc_records(mismatch=True))
     assert v.status == "fail" and "RDPMC(0x2)" in v.reason
-    v = verdicts.rdpmc(EXPECTED, view, *rdpmc_records(invalid_signal=0))
+    v = arch_counters.rdpmc(EXPECTED, view, *rdpmc_records(invalid_signal=0))
     assert v.status == "fail" and "did not #GP" in v.reason
 
 
@@ -496,12 +502,12 @@ def test_user_page_rdpmc_is_judged_between_the_reads_around_it():
     value_n = counters_[1]["value_n"]
     far = [bracketed(i, i, value_n + 450 * i, value_n + 450 * i + 35, value_n + 450 * i + 70) for i in range(8)]
     assert far[7]["rdpmc_n"] - value_n > 2000
-    assert verdicts.rdpmc(EXPECTED, view, [counters_[0], *far], msr).status == "pass"
+    assert arch_counters.rdpmc(EXPECTED, view, [counters_[0], *far], msr).status == "pass"
     early = bracketed(3, 3, value_n + 1000, value_n + 999, value_n + 1070)  # RDPMC below the read before it
-    v = verdicts.rdpmc(EXPECTED, view, [counters_[0], early], msr)
+    v = arch_counters.rdpmc(EXPECTED, view, [counters_[0], early], msr)
     assert v.status == "fail" and "= 10,002,233, outside the reads around it [10,002,234, 10,002,304]" in v.reason
     faulted = bracketed(2, 2, value_n, 0, value_n + 70) | {"rdpmc_signal": signal.SIGSEGV, "rdpmc_n": 2**64 - 1}
-    v = verdicts.rdpmc(EXPECTED, view, [counters_[0], faulted], msr)
+    v = arch_counters.rdpmc(EXPECTED, view, [counters_[0], faulted], msr)
     assert v.status == "fail" and "raised SIGSEGV" in v.reason
 
 
@@ -512,9 +518,9 @@ def test_user_page_rdpmc_of_old_records_keeps_only_the_lower_bound():
     old = [{k: v for k, v in r.items() if k not in ("read_before_rdpmc", "read_after_rdpmc", "rdpmc_signal")}
            for r in counters_[1:]]  # fmt: skip
     old[7]["rdpmc_n"] = old[7]["value_n"] + 3_200
-    assert verdicts.rdpmc(EXPECTED, view, [counters_[0], *old], msr).status == "pass"
+    assert arch_counters.rdpmc(EXPECTED, view, [counters_[0], *old], msr).status == "pass"
     old[7]["rdpmc_n"] = old[7]["value_n"] - 1
-    assert verdicts.rdpmc(EXPECTED, view, [counters_[0], *old], msr).status == "fail"
+    assert arch_counters.rdpmc(EXPECTED, view, [counters_[0], *old], msr).status == "fail"
 
 
 def test_user_page_index_sign_extension():
@@ -524,7 +530,7 @@ def test_user_page_index_sign_extension():
     counters_, msr = rdpmc_records()
     record = bracketed(0, 0, 5_000, 0, 5_100)
     record.update(rdpmc_n=(1 << 48) - 100, offset_n=5_150)  # raw -100 + 5150 = 5050
-    assert verdicts.rdpmc(EXPECTED, view, [counters_[0], record], msr).status == "pass"
+    assert arch_counters.rdpmc(EXPECTED, view, [counters_[0], record], msr).status == "pass"
 
 
 def test_rdpmc_beyond_on_amd_under_the_mediated_vpmu_is_not_required_to_fault():
@@ -538,9 +544,9 @@ def test_rdpmc_beyond_on_amd_under_the_mediated_vpmu_is_not_required_to_fault():
     beyond = next(i for i, r in enumerate(msr) if r["kind"] == "rdpmc_beyond")
     msr[beyond] = {"probe": "msr", "kind": "rdpmc_beyond", "index": 6, "signal": 0, "rdpmc": 0x1234}
     counters_ = [counters_[0], *gp_group("instructions", INSNS, counters=6, fixed_index=None)]
-    v = verdicts.rdpmc(amd, view, counters_, msr, "mediated")
+    v = arch_counters.rdpmc(amd, view, counters_, msr, "mediated")
     assert v.status == "pass" and "RDPMC(6) not judged" in v.reason
-    v = verdicts.rdpmc(amd, view, counters_, msr, "perf-based")
+    v = arch_counters.rdpmc(amd, view, counters_, msr, "perf-based")
     assert v.status == "fail" and "RDPMC(0x6) of an invalid index did not #GP" in v.reason
 
 
@@ -548,7 +554,7 @@ def test_rdpmc_without_user_rdpmc_is_an_error_not_a_fail():
     """cap_user_rdpmc=0 (guest sysfs rdpmc=0): CR4.PCE is clear and every RDPMC faults, whatever KVM does."""
     counters_, msr = rdpmc_records()
     counters_[0]["user_rdpmc"] = 0
-    v = verdicts.rdpmc(EXPECTED, intel_kvm_guest_view(), counters_, msr)
+    v = arch_counters.rdpmc(EXPECTED, intel_kvm_guest_view(), counters_, msr)
     assert v.status == "error" and "cap_user_rdpmc=0" in v.reason
 
 
@@ -569,28 +575,28 @@ def test_enabled_record_factory_emits_the_probe_keys():
 
 def test_exact_global_ctrl():
     record = enabled_record()
-    assert verdicts.exact_global_ctrl(EXPECTED, intel_kvm_guest_view(), [record]).status == "pass"
+    assert arch_counters.exact_global_ctrl(EXPECTED, intel_kvm_guest_view(), [record]).status == "pass"
     record["fixed0_n"] += 1
-    v = verdicts.exact_global_ctrl(EXPECTED, intel_kvm_guest_view(), [record])
+    v = arch_counters.exact_global_ctrl(EXPECTED, intel_kvm_guest_view(), [record])
     assert v.status == "fail" and "FIXED_CTR0" in v.reason
 
 
 def test_overflow_status():
     record = {"probe": "msr", "kind": "overflow", "counter": 9000, "status": 1, "status_after_clear": 0}
-    assert verdicts.overflow_status(EXPECTED, intel_kvm_guest_view(), [record]).status == "pass"
-    assert verdicts.overflow_status(EXPECTED, intel_kvm_guest_view(), [{**record, "status": 0}]).status == "fail"
-    assert verdicts.overflow_status(EXPECTED, intel_kvm_guest_view(),
+    assert arch_counters.overflow_status(EXPECTED, intel_kvm_guest_view(), [record]).status == "pass"
+    assert arch_counters.overflow_status(EXPECTED, intel_kvm_guest_view(), [{**record, "status": 0}]).status == "fail"
+    assert arch_counters.overflow_status(EXPECTED, intel_kvm_guest_view(),
                                     [{**record, "status_after_clear": 1}]).status == "fail"  # fmt: skip
 
 
 def test_overflow_without_perfmon_v2_skips_on_amd():
     view = amd_kvm_guest_view()
     no_v2 = replace(view, caps=replace(view.caps, amd=replace(view.caps.amd, perfmon_v2=False)))
-    v = verdicts.overflow_status(EXPECTED, no_v2, [])
+    v = arch_counters.overflow_status(EXPECTED, no_v2, [])
     assert v.status == "skip" and "PerfMonV2" in v.reason
 
 
-PERIOD = 1_000_003  # harness.probe_params.PMI_SAMPLE_PERIOD
+PERIOD = 1_000_003  # harness.probe.params.PMI_SAMPLE_PERIOD
 SAMPLED_LOOPS = 20
 
 
@@ -633,10 +639,10 @@ def test_sampling_factories_emit_the_probe_keys():
 
 def test_pmi_sampling():
     view = intel_kvm_guest_view()
-    assert verdicts.pmi_sampling(EXPECTED, view, [sampling(EXPECTED_SAMPLES)]).status == "pass"
-    assert verdicts.pmi_sampling(EXPECTED, view, [sampling(EXPECTED_SAMPLES + 3)]).status == "fail"
-    assert verdicts.pmi_sampling(EXPECTED, view, [sampling(EXPECTED_SAMPLES, lost=1)]).status == "fail"
-    v = verdicts.pmi_sampling(EXPECTED, view, [sampling(EXPECTED_SAMPLES, pmi=EXPECTED_SAMPLES - 10)])
+    assert arch_counters.pmi_sampling(EXPECTED, view, [sampling(EXPECTED_SAMPLES)]).status == "pass"
+    assert arch_counters.pmi_sampling(EXPECTED, view, [sampling(EXPECTED_SAMPLES + 3)]).status == "fail"
+    assert arch_counters.pmi_sampling(EXPECTED, view, [sampling(EXPECTED_SAMPLES, lost=1)]).status == "fail"
+    v = arch_counters.pmi_sampling(EXPECTED, view, [sampling(EXPECTED_SAMPLES, pmi=EXPECTED_SAMPLES - 10)])
     assert v.status == "fail" and "PMI count rose" in v.reason
 
 
@@ -645,14 +651,14 @@ def test_guest_throttling_is_a_skip_never_a_lost_sample_fail():
     PERF_RECORD_THROTTLE (then UNTHROTTLE at the next tick): samples go missing, and that is not a PMI-path bug."""
     view = intel_kvm_guest_view()
     records = [sampling_setup(percent=25, err=errno.EINVAL), sampling(EXPECTED_SAMPLES - 40, throttled=3)]
-    v = verdicts.pmi_sampling(EXPECTED, view, records)
+    v = arch_counters.pmi_sampling(EXPECTED, view, records)
     assert v.status == "skip"
     assert v.reason.startswith("guest kernel throttled sampling: 3 PERF_RECORD_THROTTLE records")
     assert "__perf_event_account_interrupt" in v.reason and "perf_cpu_time_max_percent=25" in v.reason
     assert "EINVAL" in v.reason
     # records from before the "throttled" key (the ring walker's "throttle" count) are read the same way
     old = {k: val for k, val in sampling(EXPECTED_SAMPLES - 40, throttled=2).items() if k not in ("throttled",)}
-    assert verdicts.pmi_sampling(EXPECTED, view, [old]).status == "skip"
+    assert arch_counters.pmi_sampling(EXPECTED, view, [old]).status == "skip"
 
 
 def test_host_throttling_of_the_backing_event_is_a_skip():
@@ -662,17 +668,17 @@ def test_host_throttling_of_the_backing_event_is_a_skip():
     short = sampling(EXPECTED_SAMPLES - 30, pmi=EXPECTED_SAMPLES - 30, count=SAMPLED_LOOPS * INSNS - 5_000_000,
                      elapsed_ns=10_000_000)  # fmt: skip
     host = {"vpmu_mode": "perf-based", "sysctls": {"kernel.perf_event_max_sample_rate": "25000"}}
-    v = verdicts.pmi_sampling(EXPECTED, view, [short], host)
+    v = arch_counters.pmi_sampling(EXPECTED, view, [short], host)
     assert v.status == "skip" and v.reason.startswith("host: kernel.perf_event_max_sample_rate=25000")
     calm = {"vpmu_mode": "perf-based", "sysctls": {"kernel.perf_event_max_sample_rate": "100000"}}
-    assert verdicts.pmi_sampling(EXPECTED, view, [short], calm).status == "fail"
-    assert verdicts.pmi_sampling(EXPECTED, view, [short], {**host, "vpmu_mode": "mediated"}).status == "fail"
+    assert arch_counters.pmi_sampling(EXPECTED, view, [short], calm).status == "fail"
+    assert arch_counters.pmi_sampling(EXPECTED, view, [short], {**host, "vpmu_mode": "mediated"}).status == "fail"
 
 
 def test_sampling_rate_stays_far_below_the_throttle():
     """At 1e10 user instructions/s the counters probe's period gives at most 10 PMIs per 1 ms tick, a tenth of
     max_samples_per_tick = DIV_ROUND_UP(100000, HZ=1000) (kernel/events/core.c)."""
-    from harness import probe_params
+    from harness.probe import params as probe_params
 
     pmis_per_tick = 1e10 / probe_params.PMI_SAMPLE_PERIOD / 1000
     assert pmis_per_tick <= 100_000 / 1000 / 10
@@ -684,13 +690,13 @@ def test_sampling_rate_stays_far_below_the_throttle():
 
 
 def test_pmu_visibility_both_ways():
-    assert verdicts.pmu_visible(EXPECTED, intel_kvm_guest_view()).status == "pass"
-    assert verdicts.pmu_visible(EXPECTED, no_pmu_view()).status == "fail"
-    assert verdicts.pmu_visible(ABSENT, no_pmu_view()).status == "pass"
-    assert verdicts.pmu_visible(ABSENT, intel_kvm_guest_view()).status == "fail"
+    assert enumeration.pmu_visible(EXPECTED, intel_kvm_guest_view()).status == "pass"
+    assert enumeration.pmu_visible(EXPECTED, no_pmu_view()).status == "fail"
+    assert enumeration.pmu_visible(ABSENT, no_pmu_view()).status == "pass"
+    assert enumeration.pmu_visible(ABSENT, intel_kvm_guest_view()).status == "fail"
 
 
-#: harness.expectations _pmu_off_reaches_kvm's reason, as kvm_features.toml [pmu_off_honoured] gives it on AMD.
+#: harness.judge.expectations _pmu_off_reaches_kvm's reason, as kvm_features.toml [pmu_off_honoured] gives it on AMD.
 PMU_OFF_NOT_HONOURED = Expectation("pmu_off_honoured", False, "qemu-limit: QEMU's pmu=off does not take an AMD "
                                    "guest's counters away: no CPUID bit for the legacy K7 counters")  # fmt: skip
 PMU_OFF_HONOURED = Expectation("pmu_off_honoured", True, "expected: pmu=off takes the vPMU away")
@@ -702,7 +708,7 @@ def amd_legacy_view() -> GuestView:
     four legacy K7 counters (svm/pmu.c amd_pmu_refresh()) and the guest kernel's "AMD PMU driver"."""
     view = amd_kvm_guest_view()
     amd = replace(view.caps.amd, perfctr_core=False, perfmon_v2=False, core_counters=4)
-    msrs = {m: MsrRead(m, 0, None) for m in verdicts.NO_PMU_FAULTING_MSRS["amd"]}
+    msrs = {m: MsrRead(m, 0, None) for m in NO_PMU_FAULTING_MSRS["amd"]}
     banner = "Performance Events: AMD PMU driver."
     return replace(view, caps=replace(view.caps, amd=amd), msrs=msrs, kernel_banner=banner)
 
@@ -713,14 +719,14 @@ def test_pmu_off_not_reaching_kvm_skips_with_the_data_files_reason():
     reason, whatever the guest shows (legacy driver only, or PerfCtrExtCore left on by QEMU), the view kept."""
     faults = Expectation("pmu_msrs_fault", True, "expected")
     for view in (amd_legacy_view(), amd_kvm_guest_view()):
-        v = verdicts.pmu_visible(PROFILE_OFF, view, PMU_OFF_NOT_HONOURED)
+        v = enumeration.pmu_visible(PROFILE_OFF, view, PMU_OFF_NOT_HONOURED)
         assert (v.status, v.reason) == ("skip", PMU_OFF_NOT_HONOURED.reason)
         assert v.observed["kernel_pmus"] == ["cpu", "msr", "software"]
-        v = verdicts.pmu_msrs_fault(PROFILE_OFF, faults, view, PMU_OFF_NOT_HONOURED)
+        v = enumeration.pmu_msrs_fault(PROFILE_OFF, faults, view, PMU_OFF_NOT_HONOURED)
         assert (v.status, v.reason) == ("skip", PMU_OFF_NOT_HONOURED.reason)
     # a QEMU that honours pmu=off: a visible PMU is a FAIL again, readable MSRs too
-    assert verdicts.pmu_visible(PROFILE_OFF, amd_legacy_view(), PMU_OFF_HONOURED).status == "fail"
-    v = verdicts.pmu_msrs_fault(PROFILE_OFF, faults, amd_legacy_view(), PMU_OFF_HONOURED)
+    assert enumeration.pmu_visible(PROFILE_OFF, amd_legacy_view(), PMU_OFF_HONOURED).status == "fail"
+    v = enumeration.pmu_msrs_fault(PROFILE_OFF, faults, amd_legacy_view(), PMU_OFF_HONOURED)
     assert v.status == "fail" and "readable although the guest has no vPMU" in v.reason
 
 
@@ -728,34 +734,34 @@ def test_pmu_off_expectation_applies_only_when_the_profile_turned_the_pmu_off():
     """Under TCG, or with kvm.enable_pmu=N, the PMU is absent for another reason and KVM gives no counters at all:
     those are judged as before (the guest must show none), and a vPMU that is expected is judged as expected."""
     tcg = Expectation("amd_core_pmu", False, "accel: no vPMU under TCG (...)")
-    assert verdicts.pmu_visible(tcg, amd_legacy_view(), PMU_OFF_NOT_HONOURED).status == "fail"
+    assert enumeration.pmu_visible(tcg, amd_legacy_view(), PMU_OFF_NOT_HONOURED).status == "fail"
     off_module = Expectation("amd_core_pmu", False, "host: kvm.enable_pmu=N")
     faults = Expectation("pmu_msrs_fault", True, "expected")
     gp = MsrRead(0, None, errno.EIO)
-    view = replace(amd_legacy_view(), msrs={m: replace(gp, msr=m) for m in verdicts.NO_PMU_FAULTING_MSRS["amd"]})
-    assert verdicts.pmu_msrs_fault(off_module, faults, view, PMU_OFF_NOT_HONOURED).status == "pass"
+    view = replace(amd_legacy_view(), msrs={m: replace(gp, msr=m) for m in NO_PMU_FAULTING_MSRS["amd"]})
+    assert enumeration.pmu_msrs_fault(off_module, faults, view, PMU_OFF_NOT_HONOURED).status == "pass"
     on = Expectation("amd_core_pmu", True, "expected")
-    assert verdicts.pmu_visible(on, amd_kvm_guest_view(), PMU_OFF_NOT_HONOURED).status == "pass"
-    assert verdicts.pmu_off_unjudgeable(on, PMU_OFF_NOT_HONOURED) is None
+    assert enumeration.pmu_visible(on, amd_kvm_guest_view(), PMU_OFF_NOT_HONOURED).status == "pass"
+    assert enumeration.pmu_off_unjudgeable(on, PMU_OFF_NOT_HONOURED) is None
 
 
 def test_pmu_msrs_fault_without_pmu():
     faults = Expectation("pmu_msrs_fault", True, "expected")
-    assert verdicts.pmu_msrs_fault(ABSENT, faults, no_pmu_view()).status == "pass"
+    assert enumeration.pmu_msrs_fault(ABSENT, faults, no_pmu_view()).status == "pass"
     view = no_pmu_view()
     view.msrs[0x38F] = MsrRead(0x38F, 0, None)
-    v = verdicts.pmu_msrs_fault(ABSENT, faults, view)
+    v = enumeration.pmu_msrs_fault(ABSENT, faults, view)
     assert v.status == "fail" and "0x38f" in v.reason
 
 
 def test_guest_within_host_limits():
     host = decode_caps(load_cpuid_dump(CPUID_DIR / "GenuineIntel00806F8_SapphireRapids_05_CPUID.txt")).to_json()
-    assert verdicts.guest_within_host("kvm", EXPECTED, intel_kvm_guest_view(), host).status == "pass"
+    assert enumeration.guest_within_host("kvm", EXPECTED, intel_kvm_guest_view(), host).status == "pass"
     view = intel_kvm_guest_view()
     over = replace(view, caps=replace(view.caps, arch_perfmon=replace(view.caps.arch_perfmon, version=3)))
-    v = verdicts.guest_within_host("kvm", EXPECTED, over, host)
+    v = enumeration.guest_within_host("kvm", EXPECTED, over, host)
     assert v.status == "fail" and "version 3 > 2" in v.reason
-    assert verdicts.guest_within_host("tcg", EXPECTED, view, host).status == "skip"
+    assert enumeration.guest_within_host("tcg", EXPECTED, view, host).status == "skip"
 
 
 def fixed_counters_view(fixed: int) -> GuestView:
@@ -775,9 +781,9 @@ def test_fixed_counter_limit_depends_on_the_vpmu_mode():
     """Without a measured offer: 3 fixed counters for the perf-based vPMU (KVM_MAX_NR_FIXED_COUNTERS), up to 4 under
     the mediated vPMU (kvm_init_pmu_capability() keeps 3 only "if (!enable_mediated_pmu)" with the FC3 series)."""
     host, four = spr_host_caps(), fixed_counters_view(4)
-    v = verdicts.guest_within_host("kvm", LIMITS, four, host, vpmu_mode="perf-based")
+    v = enumeration.guest_within_host("kvm", LIMITS, four, host, vpmu_mode="perf-based")
     assert v.status == "fail" and "fixed_counters 4 > 3" in v.reason and "kvm_features.toml limits" in v.reason
-    assert verdicts.guest_within_host("kvm", LIMITS, four, host, vpmu_mode="mediated").status == "pass"
+    assert enumeration.guest_within_host("kvm", LIMITS, four, host, vpmu_mode="mediated").status == "pass"
 
 
 def test_measured_kvm_offer_wins_over_the_table():
@@ -786,17 +792,19 @@ def test_measured_kvm_offer_wins_over_the_table():
     offer_caps = decode_caps(kvm_guest_table("GenuineIntel00806F8_SapphireRapids_05_CPUID.txt")).to_json()
     offer = {"source": "/dev/kvm", "pmu": offer_caps}
     three = intel_kvm_guest_view()
-    v = verdicts.guest_within_host("kvm", LIMITS, three, host, kvm_offer=offer, vpmu_mode="mediated")
+    v = enumeration.guest_within_host("kvm", LIMITS, three, host, kvm_offer=offer, vpmu_mode="mediated")
     assert v.status == "pass" and "KVM_GET_SUPPORTED_CPUID" in v.reason
-    v = verdicts.guest_within_host("kvm", LIMITS, fixed_counters_view(4), host, kvm_offer=offer, vpmu_mode="mediated")
+    v = enumeration.guest_within_host(
+        "kvm", LIMITS, fixed_counters_view(4), host, kvm_offer=offer, vpmu_mode="mediated"
+    )
     assert v.status == "fail" and "fixed_counters 4 > 3" in v.reason and "KVM_GET_SUPPORTED_CPUID" in v.reason
     # a newer KVM offering version 3: the offer wins over the table's version limit of 2
     ap = offer_caps["arch_perfmon"]
     newer = {"pmu": {**offer_caps, "arch_perfmon": {**ap, "version": 3}}}
     v3 = replace(three, caps=replace(three.caps, arch_perfmon=replace(three.caps.arch_perfmon, version=3)))
-    assert verdicts.guest_within_host("kvm", LIMITS, v3, host, kvm_offer=newer).status == "pass"
+    assert enumeration.guest_within_host("kvm", LIMITS, v3, host, kvm_offer=newer).status == "pass"
     no_vpmu = {"pmu": {**offer_caps, "arch_perfmon": None}}
-    v = verdicts.guest_within_host("kvm", LIMITS, three, host, kvm_offer=no_vpmu)
+    v = enumeration.guest_within_host("kvm", LIMITS, three, host, kvm_offer=no_vpmu)
     assert v.status == "fail" and "KVM offers no architectural PMU" in v.reason
 
 
@@ -809,12 +817,12 @@ def test_interrupts_in_the_window_are_allowed_one_count_each():
     loop's count + 2 passes, + 3 fails, and without interrupts + 1 still fails."""
     view = intel_kvm_guest_view()
     ticks = gp_group("instructions", INSNS + 2, irq_n=2)
-    v = verdicts.gp_event(EXPECTED, view, ticks, "instructions")
+    v = arch_counters.gp_event(EXPECTED, view, ticks, "instructions")
     assert v.status == "pass", v.reason
     assert "+1 per interrupt/exception" in v.expected and "Weaver" in v.expected
-    v = verdicts.gp_event(EXPECTED, view, gp_group("instructions", INSNS + 3, irq_n=2), "instructions")
+    v = arch_counters.gp_event(EXPECTED, view, gp_group("instructions", INSNS + 3, irq_n=2), "instructions")
     assert v.status == "fail" and "10,000,003 outside [10,000,000, 10,000,002]" in v.reason
-    v = verdicts.gp_event(EXPECTED, view, gp_group("instructions", INSNS + 1), "instructions")
+    v = arch_counters.gp_event(EXPECTED, view, gp_group("instructions", INSNS + 1), "instructions")
     assert v.status == "fail" and "no interrupt in either window" in v.reason
 
 
@@ -823,17 +831,17 @@ def test_interrupts_allow_the_same_for_branches_and_faults_and_switches_count_to
     (a KVM async page fault in user mode schedules away: arch/x86/kernel/kvm.c) adds to the allowance."""
     view = intel_kvm_guest_view()
     group = gp_group("branch_instructions", N + 3, fixed_index=None, irq_n=1, faults_n=1, switches_n=1)
-    assert verdicts.gp_event(EXPECTED, view, group, "branch_instructions").status == "pass"
+    assert arch_counters.gp_event(EXPECTED, view, group, "branch_instructions").status == "pass"
     group = gp_group("branch_instructions", N + 4, fixed_index=None, irq_n=1, faults_n=1, switches_n=1)
-    assert verdicts.gp_event(EXPECTED, view, group, "branch_instructions").status == "fail"
+    assert arch_counters.gp_event(EXPECTED, view, group, "branch_instructions").status == "fail"
 
 
 def test_an_interrupt_in_the_zero_window_lowers_the_difference():
     """N-0: an interrupt in the 0 run raises value_0, so the difference may fall short by as many."""
     view = intel_kvm_guest_view()
-    assert verdicts.gp_event(EXPECTED, view, gp_group("instructions", INSNS - 1, irq_0=1), "instructions").status \
+    assert arch_counters.gp_event(EXPECTED, view, gp_group("instructions", INSNS - 1, irq_0=1), "instructions").status \
         == "pass"  # fmt: skip
-    assert verdicts.gp_event(EXPECTED, view, gp_group("instructions", INSNS - 2, irq_0=1), "instructions").status \
+    assert arch_counters.gp_event(EXPECTED, view, gp_group("instructions", INSNS - 2, irq_0=1), "instructions").status \
         == "fail"  # fmt: skip
 
 
@@ -841,37 +849,37 @@ def test_unknown_interrupt_counts_keep_the_exact_rule():
     """-1 (the probe could not read /proc/interrupts) or records from before the probe counted: exact, as before."""
     view = intel_kvm_guest_view()
     unknown = gp_group("instructions", INSNS + 1, irq_n=-1)
-    v = verdicts.gp_event(EXPECTED, view, unknown, "instructions")
+    v = arch_counters.gp_event(EXPECTED, view, unknown, "instructions")
     assert v.status == "fail" and "interrupt count unknown" in v.reason
     old = [{k: val for k, val in r.items() if k not in windows()} for r in gp_group("instructions", INSNS)]
-    assert verdicts.gp_event(EXPECTED, view, old, "instructions").status == "pass"
+    assert arch_counters.gp_event(EXPECTED, view, old, "instructions").status == "pass"
 
 
 def test_fixed_counter_0_allows_the_windows_interrupts():
     record = count("fixed0", 0, FIXED | 0, INSNS + 3, set_name="fixed", irq_n=3)
-    assert verdicts.fixed_counter(EXPECTED, intel_kvm_guest_view(), [record], 0).status == "pass"
+    assert arch_counters.fixed_counter(EXPECTED, intel_kvm_guest_view(), [record], 0).status == "pass"
     record = count("fixed0", 0, FIXED | 0, INSNS + 3, set_name="fixed", irq_n=2)
-    assert verdicts.fixed_counter(EXPECTED, intel_kvm_guest_view(), [record], 0).status == "fail"
+    assert arch_counters.fixed_counter(EXPECTED, intel_kvm_guest_view(), [record], 0).status == "fail"
 
 
 def test_amd_allowance_keeps_its_vmrun_slack_and_the_zero_window():
     view = amd_kvm_guest_view()
     amd = replace(EXPECTED, feature="amd_core_pmu")
-    slack = verdicts.AMD_ZERO_WINDOW_EXITS + 1  # the VMRUN allowance plus the guest interrupt in the 0 window
+    slack = bounds.AMD_ZERO_WINDOW_EXITS + 1  # the VMRUN allowance plus the guest interrupt in the 0 window
     group = gp_group("instructions", INSNS - slack, counters=6, fixed_index=None, irq_0=1)
-    assert verdicts.gp_event(amd, view, group, "instructions").status == "pass"
+    assert arch_counters.gp_event(amd, view, group, "instructions").status == "pass"
     group = gp_group("instructions", INSNS - slack - 1, counters=6, fixed_index=None, irq_0=1)
-    assert verdicts.gp_event(amd, view, group, "instructions").status == "fail"
+    assert arch_counters.gp_event(amd, view, group, "instructions").status == "fail"
 
 
 def test_exact_global_ctrl_allows_the_regions_interrupts():
     """The msr probe's N and 0 regions are bracketed the same way (count_region() in msr.c.j2)."""
     view = intel_kvm_guest_view()
-    v = verdicts.exact_global_ctrl(EXPECTED, view, [enabled_record(2, 2, irq_n=1, faults_n=1)])
+    v = arch_counters.exact_global_ctrl(EXPECTED, view, [enabled_record(2, 2, irq_n=1, faults_n=1)])
     assert v.status == "pass" and "within the interrupts of their windows" in v.reason, v.reason
-    v = verdicts.exact_global_ctrl(EXPECTED, view, [enabled_record(3, 0, irq_n=2)])
+    v = arch_counters.exact_global_ctrl(EXPECTED, view, [enabled_record(3, 0, irq_n=2)])
     assert v.status == "fail" and "PMC0" in v.reason and "FIXED_CTR0" in v.reason and "PMC1" not in v.reason
-    v = verdicts.exact_global_ctrl(EXPECTED, view, [enabled_record(1, 0)])
+    v = arch_counters.exact_global_ctrl(EXPECTED, view, [enabled_record(1, 0)])
     assert v.status == "fail" and "no interrupt in either window" in v.reason
 
 
@@ -884,7 +892,7 @@ def test_rdpmc_invalid_needs_its_control_rdpmc_to_succeed():
     view = intel_kvm_guest_view()
     counters_, msr = rdpmc_records()
     counters_[0]["control_signal"] = signal.SIGSEGV
-    v = verdicts.rdpmc(EXPECTED, view, counters_, msr)
+    v = arch_counters.rdpmc(EXPECTED, view, counters_, msr)
     assert v.status == "error" and "control RDPMC(0) in the same process raised SIGSEGV" in v.reason
 
 
@@ -903,7 +911,7 @@ def test_rdpmc_beyond_needs_a_valid_rdpmc_in_the_msr_probe():
     for r in msr:
         if r["kind"] == "rdpmc":
             r["signal"] = signal.SIGSEGV
-    v = verdicts.rdpmc(EXPECTED, view, counters_, msr)
+    v = arch_counters.rdpmc(EXPECTED, view, counters_, msr)
     assert v.status == "fail" and "RDPMC(0x0) raised SIGSEGV" in v.reason and "proves nothing" in v.reason
 
 
@@ -911,7 +919,7 @@ def test_rdpmc_without_a_mapping_in_the_msr_probe_is_an_error():
     view = intel_kvm_guest_view()
     counters_, msr = rdpmc_records()
     msr[-1].update(mmapped=0, user_rdpmc=0)
-    v = verdicts.rdpmc(EXPECTED, view, counters_, msr)
+    v = arch_counters.rdpmc(EXPECTED, view, counters_, msr)
     assert v.status == "error" and "mmapped=0" in v.reason
 
 
@@ -922,8 +930,8 @@ def test_old_rdpmc_invalid_records_fall_back_to_the_members_rdpmc():
     counters_, msr = rdpmc_records()
     for key in ("control_index", "control_signal"):
         del counters_[0][key]
-    assert verdicts.rdpmc(EXPECTED, view, counters_, msr).status == "pass"
-    v = verdicts.rdpmc(EXPECTED, view, [counters_[0]], msr)
+    assert arch_counters.rdpmc(EXPECTED, view, counters_, msr).status == "pass"
+    v = arch_counters.rdpmc(EXPECTED, view, [counters_[0]], msr)
     assert v.status == "error" and "no valid-index RDPMC" in v.reason
 
 
@@ -932,7 +940,7 @@ def test_members_read_without_cap_user_rdpmc_are_not_compared():
     view = intel_kvm_guest_view()
     counters_, msr = rdpmc_records()
     counters_[3].update(cap_user_rdpmc=0, rdpmc_n=0)
-    v = verdicts.rdpmc(EXPECTED, view, counters_, msr)
+    v = arch_counters.rdpmc(EXPECTED, view, counters_, msr)
     assert v.status == "pass" and "1 members not compared with perf's user page" in v.reason
 
 
@@ -945,13 +953,13 @@ def test_llc_misses_allow_for_a_fully_flushed_buffer(value, status):
     """Every one of the N lines is flushed (flush_buffer), so ~N misses is the expectation, not the worst case as in
     kvm-unit-tests (one clflush per run); the SDM's LLC Misses event may include speculative misses."""
     records = gp_group("llc_misses", 0, fixed_index=None, value_n=value)
-    assert verdicts.gp_event(EXPECTED, intel_kvm_guest_view(), records, "llc_misses").status == status
+    assert arch_counters.gp_event(EXPECTED, intel_kvm_guest_view(), records, "llc_misses").status == status
 
 
 def test_lbr_sampling_rate_stays_far_below_the_throttle():
     """The LBR probe's period is the PMI check's: <= 10 PMIs per 1 ms tick even at 1e10 instructions/s, and enough
     samples (12-instruction chain iterations) for the call-stack check."""
-    from harness import probe_params
+    from harness.probe import params as probe_params
 
     params = probe_params.lbr_params()
     assert 1e10 / params["sample_period"] / 1000 <= 100_000 / 1000 / 10

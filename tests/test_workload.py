@@ -1,4 +1,4 @@
-"""The generated loop executes exactly the instructions and branches harness/workloads.py declares.
+"""The generated loop executes exactly the instructions and branches harness/probe/workloads.py declares.
 
 Checked with valgrind's callgrind on the compiled probe (DESIGN.md, "Exact expectations without a PMU"):
 ``--toggle-collect=vpmu_loop`` counts only inside the loop function; ``Ir`` = instructions executed, ``Bc`` =
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.probe_params import counters_params
-from harness.probes import PROBES_DIR, ProbeBuilder
-from harness.workloads import LOOP
+from harness.probe.params import counters_params
+from harness.probe.runner import PROBES_DIR, ProbeBuilder
+from harness.probe.workloads import LOOP
 from tests.test_verdicts import intel_kvm_guest_view
 
 

@@ -5,10 +5,10 @@ Run by hand after changing a rule or the doctor schema (the files are committed;
 
     .venv/bin/python tests/data/hosts/make_hosts.py
 
-Each host is a real CPUID dump from ``shared/data/cpuid`` (parsed with harness.cpuid_dump, as ``harness caps
+Each host is a real CPUID dump from ``shared/data/cpuid`` (parsed with harness.cpu.cpuid_dump, as ``harness caps
 --cpuid-dump`` does) plus what the dump cannot say: the host's IA32_PERF_CAPABILITIES, what its perf driver makes
 of it, the kernel version, module parameters and sysctls. From those, every doctor key is computed the way
-harness.hostfacts.collect() computes it on the machine itself: kvm, sysctls and host_pmu by hostfacts' own readers
+harness.host.hostfacts.collect() computes it on the machine itself: kvm, sysctls and host_pmu by hostfacts' own readers
 pointed at a temporary sysfs/procfs tree holding that host's files, the rest with its pure helpers; and
 ``kvm_offer`` is the KVM_GET_SUPPORTED_CPUID / feature-MSR / KVM_CHECK_EXTENSION answer that KVM builds from that
 host, modelled one kernel function at a time below, each with the file and function it follows. The kernel
@@ -16,7 +16,7 @@ sources were read through the code index: a full v6.15-era arch/x86/kvm/cpuid.c 
 tree (the mediated vPMU as merged for 7.0, plus the later fixed-counter-3 series, which is left out here) and the
 patches and pull requests on the KVM list; "6.12" and "7.0" below mean the behaviour of those releases.
 
-What is modelled in the CPUID answer: every field the PMU decoder (harness.caps) reads, plus the leaf/subleaf
+What is modelled in the CPUID answer: every field the PMU decoder (harness.cpu.caps) reads, plus the leaf/subleaf
 structure KVM returns. Feature bits that have nothing to do with the PMU (SSE, AVX, NX, ...) are left zero: the
 files claim nothing they do not model. README.md (next to this file) lists, per host, the dump and every value
 that was substituted or assumed.
@@ -39,9 +39,9 @@ REPO_ROOT = HERE.parents[2]
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-from harness import hostfacts, kvm_offer  # noqa: E402
-from harness.caps import decode_caps, decode_perf_capabilities  # noqa: E402
-from harness.cpuid_dump import ZERO, CpuidTable, Regs, load_cpuid_dump  # noqa: E402
+from harness.cpu.caps import decode_caps, decode_perf_capabilities  # noqa: E402
+from harness.cpu.cpuid_dump import ZERO, CpuidTable, Regs, load_cpuid_dump  # noqa: E402
+from harness.host import hostfacts, kvm_offer  # noqa: E402
 
 #: shared/ sits beside the checkout, like tests/helpers.py's CPUID_DIR.
 CPUID_DIR = REPO_ROOT.parent / "shared" / "data" / "cpuid"
@@ -445,7 +445,7 @@ def supported_perf_capabilities(host: Host, table: CpuidTable, pmu: KvmPmu) -> i
 
 
 def cpuid_entry(function: int, index: int = 0, regs: Regs = ZERO, flags: int = 0) -> dict[str, int]:
-    """One struct kvm_cpuid_entry2, in harness.kvm_offer's field order."""
+    """One struct kvm_cpuid_entry2, in harness.host.kvm_offer's field order."""
     return {"function": function, "index": index, "flags": flags, "eax": regs.eax, "ebx": regs.ebx,
             "ecx": regs.ecx, "edx": regs.edx}  # fmt: skip
 
@@ -522,7 +522,7 @@ def leaf_80000022(table: CpuidTable, pmu: KvmPmu) -> Regs:
 
 
 def supported_cpuid(host: Host, table: CpuidTable, pmu: KvmPmu) -> list[dict[str, int]]:
-    """The KVM_GET_SUPPORTED_CPUID entries of the PMU leaves (harness.kvm_offer.OFFER_LEAVES), in KVM's order.
+    """The KVM_GET_SUPPORTED_CPUID entries of the PMU leaves (harness.host.kvm_offer.OFFER_LEAVES), in KVM's order.
 
     get_cpuid_func() walks every function from 0 to min(host max, 0x24) and from 0x80000000 to
     :func:`ext_max_leaf`; leaves without a case (1CH, 8000_001BH) fall to the default and read zero.
@@ -563,7 +563,7 @@ def kvm_check_extensions(pmu: KvmPmu) -> dict[str, int]:
 
 
 def offer(host: Host, table: CpuidTable) -> dict[str, Any]:
-    """The ``kvm_offer`` object, through harness.kvm_offer.offer_from() like doctor builds it from /dev/kvm."""
+    """The ``kvm_offer`` object, through harness.host.kvm_offer.offer_from() like doctor builds it from /dev/kvm."""
     pmu = kvm_init_pmu_capability(host, table)
     built = kvm_offer.offer_from(
         supported_cpuid(host, table, pmu), supported_perf_capabilities(host, table, pmu), kvm_check_extensions(pmu)
