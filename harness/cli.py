@@ -312,6 +312,33 @@ PYTEST_EXIT = {0: ExitCode.OK, 1: ExitCode.FAILED, 2: ExitCode.INTERRUPTED, 3: E
 #: installed wheel (in a checkout, conftest.py then finds it registered).
 PLUGIN = ("-p", "harness.suite.pytest_plugin")
 
+
+def _reject_stale_install() -> None:
+    """Before pytest starts: every pytest11 entry point of the installed vpmu names a module that exists. An editable
+    install keeps the entry points of the day it was made (.venv/lib/.../vpmu-*.dist-info/entry_points.txt), so after
+    a pull that moved the plugin pytest would stop at "Error while loading plugin" with a traceback; this says what to
+    do instead, in one line.
+
+    :raises UsageError: an entry point names a module this checkout does not have.
+    """
+    import importlib.metadata
+    import importlib.util
+
+    # Every distribution, as pytest loads them (pluggy's load_setuptools_entrypoints), not entry_points(), which
+    # keeps only the first one of a name on sys.path (a checkout's own vpmu.egg-info hides a stale one).
+    distributions = [dist for dist in importlib.metadata.distributions() if dist.metadata["Name"] == "vpmu"]
+    for entry in (entry for dist in distributions for entry in dist.entry_points if entry.group == "pytest11"):
+        try:
+            found = importlib.util.find_spec(entry.module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            raise UsageError(
+                f"the vpmu install is stale: its pytest plugin entry point names {entry.module}, "
+                "which this checkout does not have; run scripts/install again (or pip install -e .)"
+            )
+
+
 #: What run and rejudge write into --out (each whole or not at all: harness.outputs).
 REPORT_FILES = ("results.json", "junit.xml", "matrix.md", "matrix.html")
 
@@ -369,6 +396,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.image is not None and args.kernel is not None:
         raise UsageError("run: give --image or --kernel, not both")
     extra = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
+    _reject_stale_install()
     _check_guest_inputs(args)
     _check_load_programs([loads[name] for name in selected_loads])
     out = outputs.prepare_dir(args.out, "--out", REPORT_FILES, subdirs=["logs"])  # before anything boots
@@ -461,6 +489,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from harness.paths import GUEST_TESTS_DIR
 
     plan.load_host_facts(args.host_facts)  # one ERROR line before pytest starts
+    _reject_stale_install()
     profiles = load_profiles(args.profiles_file)
     for name in args.profile:
         select_profile(profiles, name, args.profiles_file)
@@ -492,6 +521,7 @@ def cmd_rejudge(args: argparse.Namespace) -> int:
     from harness.report import results
 
     results.load(args.results)  # one ERROR line for a file that is no results file
+    _reject_stale_install()
     if args.host_facts is not None:
         plan.load_host_facts(args.host_facts)
     out = outputs.prepare_dir(args.out, "--out", REPORT_FILES)

@@ -7,6 +7,9 @@ import placed in a function to dodge a cycle is still an edge of the architectur
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.util
+import re
 from pathlib import Path
 
 import harness
@@ -119,6 +122,8 @@ def test_the_checks_catch_what_they_guard() -> None:
     assert upward_edges({"harness.cpu.caps": {"harness.judge.verdict"}})
     assert not upward_edges({"harness.judge.verdict": {"harness.cpu.caps", "harness.errors"}})
     assert cycles({"harness.judge.a": {"harness.judge.b"}, "harness.judge.b": {"harness.judge.a"}})
+    assert resolves("harness.judge.arch_counters.gp_event") and resolves("harness.cli.main")
+    assert not resolves("harness.judge.verdicts.gp_event") and not resolves("harness.judge.arch_counters.nothing")
 
 
 def test_every_floor_says_what_it_owns_and_may_import() -> None:
@@ -126,3 +131,56 @@ def test_every_floor_says_what_it_owns_and_may_import() -> None:
     for name in harness.FLOORS:
         doc = ast.get_docstring(ast.parse((PACKAGE / name / "__init__.py").read_text())) or ""
         assert len(doc) > 200 and "May import" in doc, f"harness/{name}/__init__.py: {doc[:60]!r}"
+
+
+#: Where harness is imported from: the package, the suite, the self-tests, the scripts.
+IMPORTERS = ("harness", "guest_tests", "tests", "scripts")
+DOTTED = re.compile(r"harness(\.[A-Za-z_]\w*)+")
+#: Names gone on purpose that a self-test still writes: an editable install made before the move names them.
+RETIRED = ("harness.pytest_plugin",)
+
+
+def resolves(dotted: str) -> bool:
+    """Whether ``harness.a.b[.name]`` names a module, or an attribute of the longest module prefix."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        module = ".".join(parts[:cut])
+        try:
+            if importlib.util.find_spec(module) is None:
+                continue
+        except ModuleNotFoundError:  # a prefix that is a module, not a package: look further up
+            continue
+        target = importlib.import_module(module)
+        for attr in parts[cut:]:
+            if not hasattr(target, attr):
+                return False
+            target = getattr(target, attr)
+        return True
+    return False
+
+
+def test_every_harness_import_and_dotted_name_resolves() -> None:
+    """Imports inside functions and names in strings (monkeypatch targets, markers) run only on some hosts (KVM, a
+    mediated vPMU, rejudge): each must still name a real module and attribute after a move."""
+    broken = []
+    for top in IMPORTERS:
+        for path in sorted((PACKAGE.parent / top).rglob("*.py")):
+            if path == Path(__file__):
+                continue  # its made-up module names test the checks above
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("harness"):
+                    names = [f"{node.module}.{alias.name}" for alias in node.names]
+                elif isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names if alias.name.startswith("harness")]
+                elif (
+                    isinstance(node, ast.Constant)
+                    and isinstance(node.value, str)
+                    and DOTTED.fullmatch(node.value)
+                    and node.value not in RETIRED
+                ):
+                    names = [node.value]
+                else:
+                    continue
+                broken += [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {name}" for name in names
+                           if not resolves(name)]  # fmt: skip
+    assert broken == []

@@ -89,7 +89,8 @@ def test_wheel_installs_and_runs_from_anywhere(tmp_path, guest_image):
 
     # without the entry point too (some CI environments turn plugin autoload off): vpmu names its plugin itself
     plan = _run([vpmu, "plan", "--host-facts", "doctor.json", "--profile", "pmu-off", "--json"], work,
-                {**env, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})  # fmt: skip
+                {**env, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+                 "PYTEST_ADDOPTS": "-W error::pytest.PytestWarning"})  # fmt: skip
     assert plan.returncode == 0, plan.stderr
     planned = json.loads(plan.stdout)["profiles"][0]
     assert planned["profile"] == "pmu-off" and planned["checks"], planned

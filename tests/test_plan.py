@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -231,6 +234,31 @@ def test_missing_host_facts_file_is_one_line(tmp_path):
 def test_unknown_profile_is_one_line(tmp_path):
     path = write_facts(tmp_path, intel_kvm_host())
     assert_one_line_error(run_cli("plan", "--host-facts", str(path), "--profile", "nope"), "no profile 'nope'")
+
+
+def test_the_vpmu_command_loads_its_plugin_without_warnings_from_anywhere(tmp_path):
+    """The console script from outside the checkout, with pytest's plugin autoload off (vpmu names its plugin
+    itself): every module the plugin loads (its fixtures too) is one pytest must not be asked to rewrite late, or
+    a PytestAssertRewriteWarning appears, and under -W error pytest does not start at all."""
+    path = write_facts(tmp_path, intel_kvm_host())
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTEST_ADDOPTS": "-W error::pytest.PytestWarning"}
+    vpmu = Path(sys.executable).parent / "vpmu"
+    proc = subprocess.run([str(vpmu), "plan", "--host-facts", str(path), "--profile", "pmu-off", "--json"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["profiles"][0]["checks"]
+
+
+def test_a_stale_install_is_one_line_naming_the_remedy(tmp_path):
+    """An editable install made before the plugin moved still names harness.pytest_plugin in its entry points: the
+    command says so in one line instead of pytest's "Error while loading plugin" traceback."""
+    dist = tmp_path / "site" / "vpmu-0.0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vpmu\nVersion: 0.0.1\n")
+    (dist / "entry_points.txt").write_text("[pytest11]\nharness.pytest_plugin = harness.pytest_plugin\n")
+    path = write_facts(tmp_path, intel_kvm_host())
+    proc = run_cli("plan", "--host-facts", str(path), env={"PYTHONPATH": str(tmp_path / "site")})
+    assert_one_line_error(proc, "stale", "harness.pytest_plugin", "scripts/install")
 
 
 # --- the plan command ---------------------------------------------------------------------------------------------

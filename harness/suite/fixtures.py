@@ -4,6 +4,10 @@
 check group of (profile, load) and records what it did; ``check`` is the recorder a check reports its verdict to, and
 it SKIPs the check before any probe runs where the check cannot apply (the same gates ``plan`` uses). Registered by
 the plugin (harness.suite.pytest_plugin's ``pytest_plugins``).
+
+PYTEST_DONT_REWRITE: pytest marks a module its plugin names for assertion rewriting when it registers it; had
+anything imported this module before (the vpmu command, a self-test), that mark would come too late and pytest would
+warn on every run (PytestAssertRewriteWarning). Its asserts are internal invariants, not test assertions.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from harness.suite.replay import RecordingLoad, ReplayLoad, ReplayRun
 from harness.suite.session import (
     CHECK_KEY,
     STATE_KEY,
+    CheckError,
     CheckRecord,
     check_identity,
     offline,
@@ -36,10 +41,6 @@ from harness.suite.session import (
 
 #: The co-existence check that judges the host load itself; it runs even when the load could not start.
 HOST_LOAD_CHECK = "coexist.host_load"
-
-
-class CheckError(HarnessError):
-    """A check could not be judged (its probe failed); reported as ERROR, not FAIL."""
 
 
 @dataclass

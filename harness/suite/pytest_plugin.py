@@ -34,12 +34,12 @@ from harness.host.loads import DEFAULT_LOADS_FILE, IDLE
 from harness.judge import plan
 from harness.judge.expectations import host_offer_notes
 from harness.report import matrix, render, results, skip_summary
-from harness.suite.fixtures import CheckError
 from harness.suite.profiles import DEFAULT_PROFILES_FILE
 from harness.suite.replay import Replay, ReplayGap
 from harness.suite.session import (
     CHECK_KEY,
     STATE_KEY,
+    CheckError,
     CheckRecord,
     SessionState,
     check_identity,

@@ -34,6 +34,10 @@ STATE_KEY = pytest.StashKey["SessionState"]()
 CHECK_KEY = pytest.StashKey["CheckRecord"]()
 
 
+class CheckError(HarnessError):
+    """A check could not be judged (its probe failed); reported as ERROR, not FAIL."""
+
+
 @dataclass
 class CheckRecord:
     """What a check reported (set by ``check.judge``), keyed to its item."""
