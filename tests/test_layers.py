@@ -184,3 +184,15 @@ def test_every_harness_import_and_dotted_name_resolves() -> None:
                 broken += [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {name}" for name in names
                            if not resolves(name)]  # fmt: skip
     assert broken == []
+
+
+#: guest_tests/test_<feature>.py whose verdict module is named otherwise.
+VERDICT_MODULE_OF = {"coexistence": "coexist"}
+
+
+def test_every_feature_of_the_suite_has_its_verdict_module() -> None:
+    """One verdict module per feature, as the suite has one test module per feature: a reader of
+    guest_tests/test_lbr.py finds its rules in harness/judge/lbr.py."""
+    features = [path.stem.removeprefix("test_") for path in (PACKAGE.parent / "guest_tests").glob("test_*.py")]
+    missing = [f for f in features if not (PACKAGE / "judge" / f"{VERDICT_MODULE_OF.get(f, f)}.py").is_file()]
+    assert features and missing == []
