@@ -28,7 +28,7 @@ from typing import Any
 from harness.datafiles import check_table, read_toml
 from harness.errors import UsageError
 from harness.host import mediated_probe
-from harness.host.mux_interval import MuxGuard, restore_stale
+from harness.host.mux_interval import CORE_PMUS, MuxGuard, restore_stale
 from harness.host.perf_output import SampleCounter, error_message, event_key, parse_stat_csv, record_samples, summarize
 from harness.lifetime import dies_with_parent, exit_text, phase, process_state
 from harness.paths import GUEST_TESTS_DIR
@@ -62,10 +62,6 @@ PRECHECK_TIMEOUT_S = 20.0
 #: Event modifiers perf accepts after ':' (tools/perf/util/parse-events.l ``modifier_event``; newer perf adds a
 #: few letters, all accepted here). G and H set exclude_host/exclude_guest (parse-events.c get_event_modifier()).
 MODIFIERS = re.compile(r"[ukhpPGHSDIWebRX]+")
-#: The x86 core PMUs, which alone carry PERF_PMU_CAP_MEDIATED_VPMU (arch/x86/events/core.c; hybrid: cpu_core,
-#: cpu_atom, cpu_lowpower in arch/x86/events/intel/core.c). Events of other PMUs (uncore, msr, power, ibs_op, ...)
-#: are never refused and may reject exclusion bits altogether (PERF_PMU_CAP_NO_EXCLUDE, kernel/events/core.c).
-CORE_PMUS = ("cpu", "cpu_core", "cpu_atom", "cpu_lowpower")
 #: perf's tool events (tools/perf/util/tool_pmu.c): counted by perf itself, no PMU.
 TOOL_EVENTS = ("duration_time", "user_time", "system_time")
 
@@ -86,6 +82,9 @@ class LoadEvent:
             inner = self.name[len(self.pmu) + 1 : -1]
             if self.pmu == "software" or inner in mediated_probe.SOFTWARE_EVENTS:
                 return "software"
+            # Only the core PMUs carry PERF_PMU_CAP_MEDIATED_VPMU; events of others (uncore, msr, power, ibs_op,
+            # ...) are never refused and may reject exclusion bits altogether (PERF_PMU_CAP_NO_EXCLUDE,
+            # kernel/events/core.c).
             return "core" if self.pmu in CORE_PMUS else "other-pmu"
         if self.name in mediated_probe.SOFTWARE_EVENTS or self.name in TOOL_EVENTS:
             return "software"

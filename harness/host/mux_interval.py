@@ -25,24 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.host.hostfacts import SYSFS_PMUS
 from harness.paths import cache_root
 
 LOG = logging.getLogger(__name__)
 
-SYSFS_PMUS = Path("/sys/bus/event_source/devices")
-
-
 MUX_FILE = "perf_event_mux_interval_ms"
-
-
 #: The x86 core PMUs (arch/x86/events/core.c "cpu"; hybrid: cpu_core, cpu_atom, cpu_lowpower in
-#: arch/x86/events/intel/core.c). Only their hrtimers rotate the counters a vCPU's events use.
+#: arch/x86/events/intel/core.c). Only their hrtimers rotate the counters a vCPU's events use, and only they carry
+#: PERF_PMU_CAP_MEDIATED_VPMU (harness.host.loads: events of other PMUs are never refused).
 CORE_PMUS = ("cpu", "cpu_core", "cpu_atom", "cpu_lowpower")
-
-
 JOURNAL_PREFIX = "vpmu-mux-restore-"
-
-
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 

@@ -24,10 +24,9 @@ from typing import Any
 
 from harness.host import mux_interval
 from harness.host.loads import LoadResult, LoadSpec, _option_values
-from harness.judge import coexist, mux_curve
+from harness.judge import coexist, mux_curve, plan
 from harness.judge.bounds import NO_ERRATA, OvercountErrata
 from harness.judge.expectations import Context, Expectation
-from harness.judge.plan import IDLE_LOAD_REASON
 from harness.judge.verdict import Record, Verdict, errored, failed, gate, passed, skipped
 from harness.probe.guest_view import GuestView
 
@@ -78,7 +77,7 @@ def load_before_boot(spec: LoadSpec, result: LoadResult | None, holder: coexist.
     """A load that exists when KVM creates the VM: under the mediated vPMU an include-guest one makes VM creation fail
     with EBUSY (PASS: the expected outcome); otherwise the guest boots under it (PASS) and the group runs as usual."""
     if spec.idle:
-        return skipped(IDLE_LOAD_REASON)
+        return skipped(plan.IDLE_LOAD_REASON)
     if not spec.before_boot:
         return skipped(f"not-applicable: {spec.name} starts after the guest boots (loads.toml start = "
                        f"\"{spec.start}\")")  # fmt: skip
@@ -184,9 +183,7 @@ def load_reach(spec: LoadSpec | None, pinning: dict[str, Any]) -> Reach:
 
 def two_vcpus_gate(ctx: Context) -> Verdict | None:
     """The verdict side of the ``two_vcpus`` pre-gate (harness.judge.plan): the same reason, word for word."""
-    from harness.judge.plan import expectation
-
-    found = expectation("two_vcpus", ctx)
+    found = plan.expectation("two_vcpus", ctx)
     return None if found.available else skipped(found.reason)
 
 
@@ -254,7 +251,7 @@ def vcpu_canary(
 def mux_cost_gate(spec: LoadSpec, expectation: Expectation, view: GuestView, host: dict[str, Any]) -> Verdict | None:
     """The SKIPs decided before anything is measured, in the pre-gate's order (host_load, then pmu)."""
     if spec.idle:
-        return skipped(IDLE_LOAD_REASON)
+        return skipped(plan.IDLE_LOAD_REASON)
     verdict = gate(expectation, view.cpuid_pmu, "enumerates no PMU")
     if verdict:
         return verdict

@@ -23,6 +23,7 @@ from harness.host.loads import LoadSpec
 from harness.judge.enumeration import pmu_off_unjudgeable
 from harness.judge.expectations import FEATURES_FILE, Context, Expectation, FeatureRule, expect, first_unmet, load_rules
 from harness.judge.expectations import pmu_feature as _pmu_feature
+from harness.judge.lbr import lbr_expectation
 
 #: The marker that names a check's gating expectations (registered by harness.suite.pytest_plugin).
 EXPECTS_MARKER = "expects"
@@ -49,9 +50,6 @@ def rules(path: Path = FEATURES_FILE) -> dict[str, FeatureRule]:
 
 
 def _lbr(ctx: Context) -> Expectation:
-    # Imported here: the LBR rules pull in the verdict modules, which plan's light users do not need.
-    from harness.judge.lbr import lbr_expectation
-
     table = rules()
     return lbr_expectation(expect(table["legacy_lbr"], ctx), expect(table["arch_lbr"], ctx))
 

@@ -12,8 +12,6 @@ from harness.probe.guest_view import GuestView
 
 #: held_back_for in the counters probe's records: a copy left out for the host NMI watchdog's counter.
 HELD_BACK_WATCHDOG = "host nmi_watchdog"
-
-
 #: What the host NMI watchdog does to a perf-based vPMU, and the way out (the SKIP/note text).
 WATCHDOG_REASON = ("host: nmi_watchdog={value} takes a host counter: kernel/watchdog_perf.c "
                    "hardlockup_detector_event_create() pins a cycles event on every CPU, and CPU-pinned events are "

@@ -30,12 +30,12 @@ from typing import Any
 
 from harness import outputs
 from harness.errors import UsageError
+from harness.judge.verdict import STATUSES
 
 SCHEMA_V1 = "vpmu-results/1"
 SCHEMA = "vpmu-results/2"
 #: Schemas this code reads (it writes only SCHEMA).
 SCHEMAS = (SCHEMA_V1, SCHEMA)
-STATUSES = ("pass", "fail", "skip", "error")
 CHECK_KEYS = ("id", "feature", "status", "reason", "expected", "observed", "duration_s", "measurements")
 RUN_KEYS = ("profile", "load", "accel", "boot_s", "guest", "checks")
 
